@@ -1,0 +1,176 @@
+"""What one rank holds of a parameter, and the row / column RMS built from partial sums.
+
+Every engine describes its piece of a parameter the same way: the parameter seen as a 2-D
+matrix `(rows, cols)` (tensors with more dims as `(size(0), -1)`), and the rectangular
+blocks of that matrix stored, row-major, in the rank's local flat tensor:
+
+- a contiguous range of the row-major flattening (ZeRO) is at most three blocks: a partial
+  first row, a block of whole rows and a partial last row (views, never an index tensor);
+- a `Shard(0)` block of whole rows (FSDP2) or a `Shard(1)` block of whole columns (tensor
+  parallel) is one block.
+
+A reduction over `dim` needs a collective only when the partition cuts that dim; the
+layout names the process group for each such dim. `batched_rms` adds every piece's
+partial sums of squares into fixed slots of ONE fp32 buffer per process group and issues
+ONE `all_reduce(SUM)` per buffer, in the same order with the same sizes on every rank,
+including ranks that hold nothing of a parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+RMS_FLOOR = 1e-8  # a floor, not an added epsilon: a zero row gives a zero update
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The 2-D view SCALE normalizes: `(size(0), -1)`."""
+    if len(shape) < 2:
+        raise ValueError(f"a normalized parameter needs >= 2 dims, got shape {tuple(shape)}")
+    return int(shape[0]), math.prod(shape[1:])
+
+
+class Block(NamedTuple):
+    """Rows [r0, r1) x cols [c0, c1) of the full matrix, stored from `offset` of the local flat."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return (self.r1 - self.r0) * (self.c1 - self.c0)
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset : self.offset + self.numel].view(self.r1 - self.r0, self.c1 - self.c0)
+
+    def span(self, dim: int) -> tuple[int, int]:
+        """The entries of a per-row (dim=1) or per-column (dim=0) statistic this block touches."""
+        return (self.r0, self.r1) if dim == 1 else (self.c0, self.c1)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What one rank holds of a parameter viewed as a `shape = (rows, cols)` matrix."""
+
+    shape: tuple[int, int]
+    blocks: tuple[Block, ...]
+    # For each dim the partition cuts, the process group the pieces along it live on.
+    # A reduction over a dim absent here is complete on every rank.
+    split_groups: dict = field(default_factory=dict)
+
+    @classmethod
+    def whole(cls, shape: tuple[int, int]) -> ShardLayout:
+        rows, cols = shape
+        return cls(shape, (Block(0, rows, 0, cols, 0),) if rows * cols else ())
+
+    @classmethod
+    def flat_range(cls, shape: tuple[int, int], start: int, end: int, group=None) -> ShardLayout:
+        """Elements [start, end) of the row-major flattening (ZeRO). `group` is None when one
+        rank holds everything, so no collective is needed."""
+        rows, cols = shape
+        if not 0 <= start <= end <= rows * cols:
+            raise ValueError(f"range [{start}, {end}) is outside a {rows}x{cols} parameter")
+        blocks = []
+        offset, pos = 0, start
+        while pos < end:
+            r, c = divmod(pos, cols)
+            if c or end - pos < cols:  # a partial row
+                c1 = min(cols, c + end - pos)
+                block = Block(r, r + 1, c, c1, offset)
+            else:  # the whole rows that follow
+                block = Block(r, r + (end - pos) // cols, 0, cols, offset)
+            blocks.append(block)
+            offset += block.numel
+            pos += block.numel
+        split = {0: group, 1: group} if group is not None else {}
+        return cls(shape, tuple(blocks), split)
+
+    @classmethod
+    def block(
+        cls, shape: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int], split_groups: dict
+    ) -> ShardLayout:
+        """A rectangular block (DTensor `Shard(0)` / `Shard(1)` placements)."""
+        block = Block(rows[0], rows[1], cols[0], cols[1], 0)
+        return cls(shape, (block,) if block.numel else (), dict(split_groups))
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.blocks)
+
+
+@dataclass
+class CommStats:
+    """Collectives SCALE issued, and the bytes they carried (for logs and benchmarks)."""
+
+    collectives: int = 0
+    bytes: int = 0
+
+    def add(self, other: CommStats) -> None:
+        self.collectives += other.collectives
+        self.bytes += other.bytes
+
+
+def _comm_device(group, device: torch.device) -> torch.device:
+    # NCCL cannot reduce CPU tensors (optimizer offload): use the current accelerator then.
+    if device.type == "cpu" and "gloo" not in str(dist.get_backend(group)):
+        return torch.accelerator.current_accelerator(check_available=True)
+    return device
+
+
+def batched_rms(
+    pieces: Sequence[tuple[ShardLayout, torch.Tensor, int]], stats: CommStats | None = None
+) -> list[torch.Tensor]:
+    """For each `(layout, local_flat, dim)`, the fp32 RMS over `dim` of the FULL parameter:
+    a vector with one entry per row (dim=1) or per column (dim=0), floored at 1e-8.
+
+    `local_flat` is what this rank holds (may be empty). One all_reduce per process group."""
+    if not pieces:
+        return []
+    device = pieces[0][1].device
+    slots, sizes = [], {}
+    for layout, _, dim in pieces:
+        group = layout.split_groups.get(dim)
+        start = sizes.get(group, 0)
+        sizes[group] = start + layout.shape[1 - dim]
+        slots.append((group, start))
+    buffers = {g: torch.zeros(n, dtype=torch.float32, device=device) for g, n in sizes.items()}
+
+    for (layout, flat, dim), (group, start) in zip(pieces, slots):
+        for block in layout.blocks:
+            lo, hi = block.span(dim)
+            partial = torch.linalg.vector_norm(block.view(flat), dim=dim, dtype=torch.float32)
+            buffers[group][start + lo : start + hi].addcmul_(partial, partial)
+
+    for group, buf in buffers.items():
+        if group is None:
+            continue
+        comm_buf = buf.to(_comm_device(group, buf.device))
+        dist.all_reduce(comm_buf, op=dist.ReduceOp.SUM, group=group)
+        buf.copy_(comm_buf)
+        if stats is not None:
+            stats.collectives += 1
+            stats.bytes += buf.numel() * buf.element_size()
+
+    rms = []
+    for (layout, _, dim), (group, start) in zip(pieces, slots):
+        sumsq = buffers[group][start : start + layout.shape[1 - dim]]
+        rms.append(sumsq.div_(layout.shape[dim]).sqrt_().clamp_min_(RMS_FLOOR))
+    return rms
+
+
+def normalized_step_(
+    layout: ShardLayout, param: torch.Tensor, direction: torch.Tensor, rms: torch.Tensor, dim: int, lr: float
+) -> None:
+    """param -= lr * direction / rms, on the local flats, broadcasting rms along `dim`."""
+    for block in layout.blocks:
+        lo, hi = block.span(dim)
+        scale = rms[lo:hi].unsqueeze(dim)
+        block.view(param).addcdiv_(block.view(direction), scale, value=-lr)
