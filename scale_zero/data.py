@@ -320,8 +320,11 @@ def _finite_splits(source: str):
         raise DataError(f"data source '{source}' has {len(documents)} non-empty document(s); at least 2 are "
                         "needed (one is held out for validation); add more text")
     held_out = min(max(1, round(HELD_OUT_FRACTION * len(documents))), HELD_OUT_MAX_DOCUMENTS)
-    split = documents.train_test_split(test_size=held_out, seed=HELD_OUT_SEED, keep_in_memory=True)
-    return {"train": split["train"], "validation": split["test"]}
+    # A seeded permutation (what train_test_split does, which insists on writing index files
+    # next to a file-backed dataset): the first documents are held out, the rest train.
+    order = np.random.default_rng(HELD_OUT_SEED).permutation(len(documents))
+    return {"train": documents.select(order[held_out:], keep_in_memory=True),
+            "validation": documents.select(order[:held_out], keep_in_memory=True)}
 
 
 def load_documents(source: str, split: str):
@@ -400,10 +403,10 @@ class TokenStream:
 
         documents = load_documents(source, "train")
         if isinstance(documents, Dataset):
-            shard = documents.shard(num_shards=world_size, index=rank, contiguous=True, keep_in_memory=True)
-            if len(shard) == 0:
+            if len(documents) < world_size:  # checked on every rank alike: all of them stop
                 raise DataError(f"data source '{source}' has {len(documents)} training documents, fewer than the "
                                 f"{world_size} data-parallel ranks; use more data or fewer ranks")
+            shard = documents.shard(num_shards=world_size, index=rank, contiguous=True, keep_in_memory=True)
             self._reader = _ShuffledEpochs(shard, seed)
         else:
             from datasets.distributed import split_dataset_by_node
@@ -448,6 +451,10 @@ class TokenStream:
             offset = 0
         self._position, text = next(self._documents)
         self._tokens = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+        if offset > len(self._tokens):
+            raise DataError(f"the saved data position points at token {offset} of a document that now has "
+                            f"{len(self._tokens)}; the data changed since it was saved: restore the same files "
+                            "or start a new run")
         self._offset = offset
 
 
