@@ -135,8 +135,10 @@ class HuggingFaceTokenizer:
         self.eos_id = tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        # verbose=False: documents longer than model_max_length are fine, they get packed.
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        # split_special_tokens: a literal "</s>" in a document is text, not a control token
+        # (as with SentencePiece). verbose=False: documents longer than model_max_length are
+        # fine, they get packed.
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
 @functools.cache
