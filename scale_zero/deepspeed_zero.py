@@ -153,10 +153,14 @@ def _unsupported(engine) -> list[str]:
     return [message for bad, message in checks if bad]
 
 
-def _count_engine_step(zero_opt, scale: SCALE) -> None:
+def _wrap_engine_step(zero_opt, scale: SCALE) -> None:
     """Make `scale.comm_stats` cover every client step of one engine step (ZeRO-3 calls
-    SCALE once per sub-group)."""
+    SCALE once per sub-group). ZeRO-1/2 link each parameter to its optimizer state once,
+    right after the FIRST group's step (and never again after load_checkpoint); SCALE
+    creates a group's state in that group's step, so relink after every engine step to
+    keep `deepspeed.utils.safe_get_full_optimizer_state` working."""
     zero_step = zero_opt.step
+    relink = type(zero_opt) is not DeepSpeedZeroOptimizer_Stage3
 
     @functools.wraps(zero_step)
     def step(*args, **kwargs):
@@ -170,6 +174,9 @@ def _count_engine_step(zero_opt, scale: SCALE) -> None:
         for stats in calls:
             total.add(stats)
         scale.comm_stats = total
+        if relink:
+            zero_opt._hp_optimizer_states_linked = False
+            zero_opt._lazy_init_hp_params_optimizer_state()
         return result
 
     zero_opt.step = step
@@ -186,7 +193,7 @@ def bind(engine) -> None:
     for part in partitions:
         scale.flat_pieces[part.flat] = [(piece.offset, piece.layout(part.group)) for piece in part.pieces]
     if partitions:
-        _count_engine_step(engine.optimizer, scale)
+        _wrap_engine_step(engine.optimizer, scale)
 
 
 @functools.wraps(deepspeed.initialize)
