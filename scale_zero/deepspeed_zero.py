@@ -196,11 +196,11 @@ def bind(engine) -> None:
         _wrap_engine_step(engine.optimizer, scale)
 
 
-@functools.wraps(deepspeed.initialize)
 def initialize(*args, **kwargs):
-    """`deepspeed.initialize` (same arguments, same `(engine, optimizer, dataloader,
-    lr_scheduler)` back) that binds a `SCALE` optimizer to the engine's ZeRO partitions.
-    Unsupported combinations raise ValueError here, before any step."""
+    """`deepspeed.initialize(*args, **kwargs)` (same arguments, same `(engine, optimizer,
+    dataloader, lr_scheduler)` back) that binds a `SCALE` optimizer, given as `optimizer=`,
+    to the engine's ZeRO partitions. Unsupported combinations raise ValueError here,
+    before any step. Any other optimizer passes through untouched."""
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(*args, **kwargs)
     if isinstance(getattr(engine, "basic_optimizer", None), SCALE):
         bind(engine)

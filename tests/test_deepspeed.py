@@ -56,7 +56,8 @@ CASES = {
     # persistent parameters, so every forward gathers
     "zero3_subgroups": {"gradient_clipping": 0.0, "zero_optimization": {
         "stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0}},
-    "zero3_offload": {"gradient_clipping": CLIP, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+    "zero3_offload": {"gradient_clipping": CLIP, "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}},
     # bf16 + stage 1 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
     "bf16_zero1": {"gradient_clipping": CLIP, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}},
     "bf16_zero3": {"gradient_clipping": 0.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}},
@@ -233,14 +234,16 @@ def world3_run(names, reshard, root) -> dict:
     return results
 
 
-def misc_run() -> dict:
-    """World 2: shipped configs take a step; refusals; an unbound SCALE."""
+def misc_run(root) -> dict:
+    """World 2: shipped configs take a step; refusals; an unbound SCALE; bad exports."""
     import deepspeed
+    import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
     from scale_zero import SCALE, initialize, scale_param_groups
+    from scale_zero.resharding import export_state, import_state
 
-    results = {"configs": {}, "refused": {}, "unbound": {}}
+    results = {"configs": {}, "refused": {}, "unbound": {}, "export": {}}
     for path in sorted(CONFIGS.glob("*.json")):
         config = json.loads(path.read_text())
         with deepspeed.zero.Init(config_dict_or_path=config, enabled=config["zero_optimization"]["stage"] == 3):
@@ -282,6 +285,25 @@ def misc_run() -> dict:
             train(engine, [0])
         except RuntimeError as error:
             results["unbound"][name] = str(error)
+
+    engine, _ = build(case_config("zero2"))
+    export = root / "misc_export"
+    if dist.get_rank() == 0:  # the leftover of an export that crashed midway
+        (export.parent / (export.name + ".tmp")).mkdir()
+        (export.parent / (export.name + ".tmp") / "rank00000.pt").write_text("partial")
+    dist.barrier()
+    export_state(engine, export)
+    results["export"]["files"] = sorted(p.name for p in export.iterdir())
+    results["export"]["tmp_left"] = (export.parent / (export.name + ".tmp")).exists()
+    for attempt, call in {
+        "again": lambda: export_state(engine, export),
+        "missing": lambda: import_state(engine, root / "no_such_export"),
+        "no_zero": lambda: import_state(build(case_config("zero0"))[0], export),
+    }.items():
+        try:
+            call()
+        except (OSError, ValueError) as error:
+            results["export"][attempt] = f"{type(error).__name__}: {error}"
     return results
 
 
@@ -357,8 +379,8 @@ def world3(root, world2):
 
 
 @pytest.fixture(scope="module")
-def misc():
-    return run_distributed(misc_run, 2)
+def misc(root):
+    return run_distributed(misc_run, 2, root)
 
 
 @pytest.mark.parametrize("name", FP32)
@@ -498,3 +520,11 @@ def test_unbound_scale_fails_at_first_step(misc):
     for rank_result in misc:
         assert sorted(rank_result["unbound"]) == ["bf16_zero1", "zero1", "zero2", "zero3"]
         assert all("scale_zero.initialize" in message for message in rank_result["unbound"].values())
+
+
+def test_export_is_atomic_and_never_overwrites(misc):
+    export = misc[0]["export"]
+    assert export["files"] == ["meta.pt", "rank00000.pt", "rank00001.pt"] and not export["tmp_left"]
+    assert export["again"].startswith("FileExistsError") and "never overwritten" in export["again"]
+    assert export["missing"].startswith("FileNotFoundError") and "no meta.pt" in export["missing"]
+    assert export["no_zero"].startswith("ValueError") and "ZeRO stage 1, 2 or 3" in export["no_zero"]
