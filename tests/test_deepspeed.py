@@ -318,6 +318,19 @@ def reference(worlds: tuple[int, ...], clip: float):
 
     from scale_zero import scale_param_groups
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend with the ranks
+    try:
+        return _reference(worlds, clip)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference(worlds, clip):
+    from transformers import LlamaForCausalLM
+
+    from scale_zero import scale_param_groups
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config())
     roles = [(p, g["role"]) for g in scale_param_groups(model) for p in g["params"]]
@@ -348,6 +361,20 @@ def roles_by_name() -> dict[str, str]:
     model = LlamaForCausalLM(llama_config())
     names = {p: n for n, p in model.named_parameters()}
     return {names[p]: g["role"] for g in scale_param_groups(model) for p in g["params"]}
+
+
+def single_process_state_bytes() -> int:
+    """SCALE's state after one step of the tiny model on one process, without DeepSpeed."""
+    from transformers import LlamaForCausalLM
+
+    from scale_zero import SCALE, scale_param_groups
+
+    model = LlamaForCausalLM(llama_config())
+    opt = SCALE(scale_param_groups(model), lr=LR)
+    ids = batch(0, 0, 0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -451,16 +478,7 @@ def test_zero_init_params_look_1d(name, world2):
 def test_state_only_for_owned_ranges(name, world2):
     """Per rank at world 2 at most 55% of single-process SCALE's state; none for matrix
     or embedding partitions."""
-    from transformers import LlamaForCausalLM
-
-    from scale_zero import SCALE, scale_param_groups
-
-    model = LlamaForCausalLM(llama_config())
-    opt = SCALE(scale_param_groups(model), lr=LR)
-    ids = batch(0, 0, 0)
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    single = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    single = single_process_state_bytes()
     for rank_result in world2:
         state = rank_result[name]["state_bytes"]
         assert state["matrix_embedding"] == 0
@@ -528,3 +546,22 @@ def test_export_is_atomic_and_never_overwrites(misc):
     assert export["again"].startswith("FileExistsError") and "never overwritten" in export["again"]
     assert export["missing"].startswith("FileNotFoundError") and "no meta.pt" in export["missing"]
     assert export["no_zero"].startswith("ValueError") and "ZeRO stage 1, 2 or 3" in export["no_zero"]
+
+
+def measure_run(names) -> dict:
+    """Per rank after one step: SCALE's state bytes and the all_reduces of that step."""
+    from scale_zero.deepspeed_zero import zero_partitions
+
+    measured = {}
+    for name in names:
+        engine, opt = build(case_config(name))
+        train(engine, [0])
+        measured[name] = (state_bytes(opt, zero_partitions(engine))["total"], opt.comm_stats)
+    return measured
+
+
+if __name__ == "__main__":  # the numbers in docs/deepspeed.md
+    print(f"single process, no DeepSpeed: {single_process_state_bytes()} B of SCALE state")
+    for world in (1, 2, 3):
+        for name, (size, comm) in run_distributed(measure_run, world, ["zero1", "zero2", "zero3", "zero3_subgroups", "bf16_zero1"])[0].items():
+            print(f"world {world} {name:16s} state {size:6d} B/rank  {comm.collectives:2d} all_reduce, {comm.bytes} B")
