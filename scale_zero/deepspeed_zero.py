@@ -12,6 +12,7 @@ issue the same collectives (see ../shared/spec/SCALE.md sections 2 and 3).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import deepspeed
@@ -46,7 +47,7 @@ class FlatPiece:
         return self.end - self.start
 
     def layout(self, group) -> ShardLayout:
-        shape = matrix_shape(self.shape) if len(self.shape) >= 2 else (1, self.shape[0] if self.shape else 1)
+        shape = matrix_shape(self.shape) if len(self.shape) >= 2 else (1, math.prod(self.shape))
         return ShardLayout.flat_range(shape, self.start, self.end, group)
 
 

@@ -519,7 +519,7 @@ def test_shipped_configs_load_and_step(misc):
     assert {"zero1_scale.json", "zero2_scale.json", "zero3_scale.json", "zero3_offload_scale.json",
             "zero3_adamw.json"} <= set(configs)
     for name, result in configs.items():
-        assert result["global_steps"] == 1 and result["changed"], name
+        assert result["global_steps"] == 1 and result["changed"] and result["bf16"], name
         assert all(torch.isfinite(torch.tensor(result["losses"]))), name
         raw = json.loads((CONFIGS / name).read_text())
         assert {"gradient_clipping", "bf16", "data_types"} <= raw.keys(), name
