@@ -1,0 +1,208 @@
+"""SCALE under DeepSpeed ZeRO: `scale_zero.initialize`, a drop-in for `deepspeed.initialize`.
+
+ZeRO hands the client optimizer flat fp32 partitions, not parameters: one 1-D tensor per
+param group (ZeRO-1/2, BF16_Optimizer) or per sub-group (ZeRO-3), holding this rank's
+ranges of several parameters. SCALE's row/column RMS needs to know which parameter, which
+range of its row-major flattening and which process group each piece of a flat is, so
+after DeepSpeed builds the engine we describe every flat in `SCALE.flat_pieces`. Every
+parameter of a flat's group gets a piece on every rank, empty ones included, so all ranks
+issue the same collectives (see ../shared/spec/SCALE.md sections 2 and 3).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+from scale_zero.scale import SCALE
+from scale_zero.shard_layout import CommStats, ShardLayout, matrix_shape
+
+# Exactly these classes: their subclasses (MiCS, ZenFlow, SuperOffload) lay out or step
+# their partitions differently and are refused.
+ZERO_OPTIMIZERS = (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer)
+
+
+@dataclass(frozen=True)
+class FlatPiece:
+    """Elements [start, end) of parameter `name`'s row-major flattening, stored from
+    `offset` of a flat partition. Empty (start == end) when this rank holds none of it."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def layout(self, group) -> ShardLayout:
+        shape = matrix_shape(self.shape) if len(self.shape) >= 2 else (1, math.prod(self.shape))
+        return ShardLayout.flat_range(shape, self.start, self.end, group)
+
+
+@dataclass
+class FlatPartition:
+    """One flat fp32 partition DeepSpeed hands SCALE's step, and what it holds."""
+
+    flat: torch.Tensor
+    role: str
+    group: dist.ProcessGroup | None  # None when one rank holds the whole group
+    pieces: list[FlatPiece]
+
+
+def _group_or_none(group):
+    return group if dist.get_world_size(group=group) > 1 else None
+
+
+def _stage3_partitions(zero_opt: DeepSpeedZeroOptimizer_Stage3, names: dict) -> list[FlatPartition]:
+    # Sub-group i's flat is each parameter's ds_tensor slice, `partition_numel()` long,
+    # rank r holding [r*pn, min((r+1)*pn, numel)); the tail beyond numel is padding.
+    partitions = []
+    for i, params in enumerate(zero_opt.fp16_groups):
+        group = zero_opt._get_sub_group_process_group(i)
+        rank = dist.get_rank(group=group)
+        pieces, offset = [], 0
+        for p in params:
+            pn, numel = p.partition_numel(), p.ds_numel
+            start, end = min(rank * pn, numel), min((rank + 1) * pn, numel)
+            pieces.append(FlatPiece(names[p], tuple(p.ds_shape), offset, start, end))
+            offset += pn
+        role = zero_opt.optimizer.param_groups[zero_opt.sub_group_to_group_id[i]]["role"]
+        partitions.append(FlatPartition(zero_opt.fp32_partitioned_groups_flat[i], role, _group_or_none(group), pieces))
+    return partitions
+
+
+def _hp_mapping_partitions(lp_groups, flats, process_groups, param_groups, names) -> list[FlatPartition]:
+    # ZeRO-1/2 and BF16_Optimizer: `p._hp_mapping` (None if p has no element on this rank)
+    # gives the range inside p and the offset inside this rank's flat slice.
+    partitions = []
+    for params, flat, group, param_group in zip(lp_groups, flats, process_groups, param_groups):
+        pieces = []
+        for p in params:
+            mapping = p._hp_mapping
+            if mapping is None:
+                start = end = offset = 0
+            else:
+                start = mapping.lp_fragment_address.start
+                end = start + mapping.lp_fragment_address.numel
+                offset = mapping.hp_fragment_address.start
+            pieces.append(FlatPiece(names[p], tuple(p.shape), offset, start, end))
+        partitions.append(FlatPartition(flat, param_group["role"], _group_or_none(group), pieces))
+    return partitions
+
+
+def zero_partitions(engine) -> list[FlatPartition]:
+    """The flat partitions the engine's ZeRO optimizer hands SCALE, in step order.
+    Empty for an engine without ZeRO (SCALE then sees whole parameters)."""
+    zero_opt, names = engine.optimizer, engine.param_names
+    if type(zero_opt) is DeepSpeedZeroOptimizer_Stage3:
+        return _stage3_partitions(zero_opt, names)
+    if type(zero_opt) is DeepSpeedZeroOptimizer:
+        return _hp_mapping_partitions(
+            zero_opt.bit16_groups, zero_opt.single_partition_of_fp32_groups,
+            zero_opt.real_dp_process_group, zero_opt.optimizer.param_groups, names,
+        )
+    if type(zero_opt) is BF16_Optimizer:
+        return _hp_mapping_partitions(
+            zero_opt.bf16_groups, zero_opt.fp32_groups_flat_partition,
+            zero_opt.real_dp_process_group, zero_opt.optimizer.param_groups, names,
+        )
+    return []
+
+
+def _unsupported(engine) -> list[str]:
+    """Why this engine cannot run SCALE exactly (empty when it can)."""
+    zero_opt = engine.optimizer
+    offload = engine.zero_offload_optimizer()
+    offload_param = engine.zero_offload_param()
+    stage = engine.zero_optimization_stage()
+    checks = [
+        (engine.fp16_enabled(), "fp16 is not supported with SCALE: use bf16 (\"bf16\": {\"enabled\": true})"),
+        (stage > 0 and type(zero_opt) not in ZERO_OPTIMIZERS,
+         f"ZeRO optimizer {type(zero_opt).__name__} (MiCS / ZenFlow / SuperOffload) is not supported: "
+         "use plain ZeRO stage 1, 2 or 3"),
+        (stage in (1, 2) and engine.zero_round_robin_gradients(),
+         "zero_optimization.round_robin_gradients reorders the flat partitions: set it to false"),
+        (stage in (1, 2) and engine.zero_elastic_checkpoint(),
+         "zero_optimization.elastic_checkpoint would re-slice SCALE's state as if it were Adam's: set it to "
+         "false; resume on another world size with scale_zero.resharding.export_state/import_state"),
+        (offload is not None and offload.device == OffloadDeviceEnum.nvme,
+         "offload_optimizer.device=nvme is not supported: use \"cpu\""),
+        (offload_param is not None and offload_param.device == OffloadDeviceEnum.nvme,
+         "offload_param.device=nvme is not supported: use \"cpu\" or \"none\""),
+        (engine.zero_partial_offload() != 1.0,
+         "offload_optimizer.ratio < 1 steps part of the partitions with a GPU AdamW: leave ratio at 1.0"),
+        (engine.zero_hpz_partition_size() > 1, "zero_hpz_partition_size > 1 (ZeRO++ hpZ) is not supported"),
+        (engine.autotp_size() > 1 or engine.mpu is not None,
+         "tensor / model parallelism is not supported with SCALE under DeepSpeed: the row/column RMS "
+         "would miss the other tensor-parallel shards"),
+        (engine.has_moe_layers, "MoE expert groups are not supported with SCALE"),
+        (engine.torch_autocast_enabled(), "torch_autocast is not supported with SCALE: use \"bf16\""),
+        (engine.pipeline_parallelism, "pipeline parallelism is not supported with SCALE"),
+    ]
+    return [message for bad, message in checks if bad]
+
+
+def _wrap_engine_step(zero_opt, scale: SCALE) -> None:
+    """Make `scale.comm_stats` cover every client step of one engine step (ZeRO-3 calls
+    SCALE once per sub-group). ZeRO-1/2 link each parameter to its optimizer state once,
+    right after the FIRST group's step (and never again after load_checkpoint); SCALE
+    creates a group's state in that group's step, so relink after every engine step to
+    keep `deepspeed.utils.safe_get_full_optimizer_state` working."""
+    zero_step = zero_opt.step
+    relink = type(zero_opt) is not DeepSpeedZeroOptimizer_Stage3
+
+    @functools.wraps(zero_step)
+    def step(*args, **kwargs):
+        calls = []
+        hook = scale.register_step_post_hook(lambda opt, _args, _kwargs: calls.append(opt.comm_stats))
+        try:
+            result = zero_step(*args, **kwargs)
+        finally:
+            hook.remove()
+        total = CommStats()
+        for stats in calls:
+            total.add(stats)
+        scale.comm_stats = total
+        if relink:
+            zero_opt._hp_optimizer_states_linked = False
+            zero_opt._lazy_init_hp_params_optimizer_state()
+        return result
+
+    zero_opt.step = step
+
+
+def bind(engine) -> None:
+    """Describe every flat partition of the engine's ZeRO optimizer to its SCALE optimizer."""
+    scale = engine.basic_optimizer
+    problems = _unsupported(engine)
+    if problems:
+        raise ValueError("SCALE cannot run with this DeepSpeed configuration:\n  - " + "\n  - ".join(problems))
+    partitions = zero_partitions(engine)
+    scale.flat_pieces.clear()
+    for part in partitions:
+        scale.flat_pieces[part.flat] = [(piece.offset, piece.layout(part.group)) for piece in part.pieces]
+    if partitions:
+        _wrap_engine_step(engine.optimizer, scale)
+
+
+def initialize(*args, **kwargs):
+    """`deepspeed.initialize(*args, **kwargs)` (same arguments, same `(engine, optimizer,
+    dataloader, lr_scheduler)` back) that binds a `SCALE` optimizer, given as `optimizer=`,
+    to the engine's ZeRO partitions. Unsupported combinations raise ValueError here,
+    before any step. Any other optimizer passes through untouched."""
+    engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(*args, **kwargs)
+    if isinstance(getattr(engine, "basic_optimizer", None), SCALE):
+        bind(engine)
+    return engine, optimizer, dataloader, lr_scheduler
