@@ -58,7 +58,7 @@ def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
 
 def load_data(cfg: TrainConfig, rank: int) -> tuple[data.TokenStream, list[torch.Tensor]]:
     """The training stream (this rank's shard) and the fixed held-out batches."""
-    tokenizer_spec = cfg.tokenizer or ("t5-base" if cfg.data == "c4" else "embedded")
+    tokenizer_spec = cfg.tokenizer or ("t5-base" if cfg.data == "c4" else None)  # None: the embedded BPE
     # Rank 0 first: it may train and cache the embedded corpus's tokenizer.
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):

@@ -1,15 +1,24 @@
 """launch/train.py end to end under the real launchers (2 CPU ranks): resume exactness,
-a save killed half-way, the TensorBoard scalars."""
+a save killed half-way, the TensorBoard scalars, checkpoints this run cannot continue."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.train_launch import (  # noqa: F401 (fsdp_straight is a fixture)
-    ZERO0, ZERO3, assert_same_checkpoint, fsdp_straight, run_ok, straight_run, train, write_json,
+from tests.train_launch import (
+    TINY_MODEL, ZERO0, ZERO3, assert_same_checkpoint, run_ok, straight_run, train, write_json,
 )
+from tests.test_train_inputs import refused
+
+
+@pytest.fixture(scope="module")
+def fsdp_straight(tmp_path_factory):
+    """One FSDP2 + SCALE run that the tests below compare with or resume from."""
+    return straight_run("fsdp", ["--no-bf16", "--optimizer", "scale"], tmp_path_factory.mktemp("fsdp"))
 
 SCALARS = {
     "train/loss", "train/ppl", "train/lr", "train/grad_norm", "val/loss", "val/ppl", "perf/tokens_per_s",
@@ -40,13 +49,13 @@ def scalars(run_dir) -> EventAccumulator:
     return events
 
 
-def assert_every_scalar(run_dir):
+def assert_every_scalar(run_dir, collectives: int):
     events = scalars(run_dir)
     tags = set(events.Tags()["scalars"])
     assert SCALARS | SCALE_SCALARS <= tags, f"missing: {(SCALARS | SCALE_SCALARS) - tags}"
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in events.Scalars("val/ppl")] == [0, 3, 6]
-    assert events.Scalars("comm/scale_collectives")[-1].value >= 1  # the embedding's column RMS at least
+    assert events.Scalars("comm/scale_collectives")[-1].value == collectives
     assert events.Scalars("memory/optimizer_state_bytes")[-1].value > 0
     assert events.Scalars("val/loss")[-1].value < events.Scalars("val/loss")[0].value
 
@@ -54,11 +63,11 @@ def assert_every_scalar(run_dir):
 def test_deepspeed_scale_tensorboard_has_every_scalar(tmp_path):
     config = write_json(tmp_path / "ds.json", ZERO0)  # TODO(merge deepspeed branch): ZeRO-3
     _, run_dir = straight_run("deepspeed", ["--config", str(config), "--optimizer", "scale"], tmp_path)
-    assert_every_scalar(run_dir)
+    assert_every_scalar(run_dir, collectives=0)  # stage 0 replicates whole parameters: nothing to reduce
 
 
 def test_fsdp_tensorboard_has_every_scalar(fsdp_straight):
-    assert_every_scalar(fsdp_straight[1])
+    assert_every_scalar(fsdp_straight[1], collectives=1)  # the embedding's column sums, one batched all_reduce
 
 
 def test_fsdp_killed_save_then_resume_is_bitwise_exact(tmp_path, fsdp_straight):
@@ -78,3 +87,32 @@ def test_fsdp_killed_save_then_resume_is_bitwise_exact(tmp_path, fsdp_straight):
     assert "step_00000003 at step 3" in resumed.stdout
     assert not (checkpoints / ".tmp-step_00000006").exists()
     assert_same_checkpoint(final_checkpoint(straight), final_checkpoint(tmp_path / "run"))
+
+
+def snapshot(folder) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
+
+
+def test_checkpoint_from_another_model(tmp_path, fsdp_straight, capsys):
+    args, run_dir = fsdp_straight
+    before = snapshot(run_dir)
+    other = write_json(tmp_path / "other.json", {**TINY_MODEL, "hidden_size": 64})
+    err = refused([*args, "--backend", "fsdp", "--run-dir", str(run_dir), "--model", str(other)], capsys)
+    assert "is from a different model (" in err and "hidden_size: 32 vs 64" in err and "--run-dir" in err
+    assert snapshot(run_dir) == before
+
+
+def test_checkpoint_from_another_world_size(fsdp_straight, capsys):
+    args, run_dir = fsdp_straight  # saved by 2 ranks; main() here is 1 rank
+    before = snapshot(run_dir)
+    err = refused([*args, "--backend", "fsdp", "--run-dir", str(run_dir), "--resume", str(run_dir / "checkpoints/step_00000003")], capsys)
+    assert "saved by 2 ranks and this run has 1" in err
+    assert snapshot(run_dir) == before
+
+
+def test_fresh_start_over_existing_checkpoints(fsdp_straight, capsys):
+    args, run_dir = fsdp_straight
+    before = snapshot(run_dir)
+    err = refused([*args, "--backend", "fsdp", "--run-dir", str(run_dir), "--resume", "none"], capsys)
+    assert "already holds checkpoints" in err and "--resume auto" in err
+    assert snapshot(run_dir) == before

@@ -2,30 +2,22 @@
 before any training, and nothing on disk created or changed.
 
 Checks that need no process group run in-process (`main(argv)` as one rank); those that
-need the data (tokenizer vocabulary, data path) under the real launchers on 2 ranks."""
+need the data (tokenizer vocabulary, data path) under the real launchers on 2 ranks.
+Checkpoints from another model or world size: tests/test_train.py (they need a real one)."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.train_launch import REPO, SMALL_RUN, TINY_MODEL, ZERO3, fsdp_straight, train, write_json  # noqa: F401
+from tests.train_launch import REPO, SMALL_RUN, TINY_MODEL, ZERO3, train, write_json
 
-if importlib.util.find_spec("scale_zero.data") is None:  # TEMPORARY: until branch `data` merges
-    sys.path.insert(0, str(REPO / "tests" / "standin"))
-    import data_standin
-
-    sys.modules["scale_zero.data"] = data_standin
-
-sys.path.insert(0, str(REPO / "launch"))
-from train import main  # noqa: E402
-
-
-def snapshot(folder: Path) -> dict:
-    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
+# launch/train.py is a script, not a package module: load it by path.
+_spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+_train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train_script)
+main = _train_script.main
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -84,28 +76,10 @@ def test_batch_sizes_that_do_not_divide(base, capsys):
     assert "not divisible" in err and "multiple of 4" in err
 
 
-def test_checkpoint_from_another_model(tmp_path, fsdp_straight, capsys):
-    args, run_dir = fsdp_straight
-    before = snapshot(run_dir)
-    other = write_json(tmp_path / "other.json", {**TINY_MODEL, "hidden_size": 64})
-    err = refused([*args, "--backend", "fsdp", "--run-dir", str(run_dir), "--model", str(other)], capsys)
-    assert "is from a different model (hidden_size: 32 vs 64" in err and "--run-dir" in err
-    assert snapshot(run_dir) == before
-
-
-def test_checkpoint_from_another_world_size(fsdp_straight, capsys):
-    args, run_dir = fsdp_straight  # saved by 2 ranks; main() here is 1 rank
-    before = snapshot(run_dir)
-    err = refused([*args, "--backend", "fsdp", "--run-dir", str(run_dir), "--global-batch-size", "4",
-                   "--resume", str(run_dir / "checkpoints/step_00000003")], capsys)
-    assert "saved by 2 ranks and this run has 1" in err
-    assert snapshot(run_dir) == before
-
-
 def launched_refusal(result, tmp_path) -> str:
     assert result.returncode != 0
     assert result.stdout.count("error:") == 1, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout
+    assert 'train.py", line' not in result.stdout  # no traceback from the ranks (torchrun prints its own)
     assert not (tmp_path / "run").exists()
     return result.stdout
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.distributed import free_port
@@ -42,10 +41,9 @@ def train(backend: str, args: list[str], tmp: Path, env: dict | None = None, ran
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                "--master-addr", "127.0.0.1", "--master-port", port, "launch/train.py", "--backend", "fsdp"]
-    standin = REPO / "tests" / "standin"  # TEMPORARY: scale_zero.data until branch `data` merges
     full_env = {
         **os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(standin), str(REPO)]), **(env or {}),
+        "PYTHONPATH": str(REPO), **(env or {}),
     }
     return subprocess.run(cmd + args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
@@ -95,8 +93,3 @@ def straight_run(backend: str, extra: list[str], tmp: Path) -> tuple[list[str], 
     run_ok(backend, [*args, "--run-dir", str(tmp / "straight")], tmp)
     return args, tmp / "straight"
 
-
-@pytest.fixture(scope="session")
-def fsdp_straight(tmp_path_factory):
-    """One FSDP2 + SCALE run shared by the tests that compare with it or resume from it."""
-    return straight_run("fsdp", ["--no-bf16", "--optimizer", "scale"], tmp_path_factory.mktemp("fsdp"))

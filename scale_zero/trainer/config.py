@@ -220,6 +220,7 @@ def resolve(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ConfigError(f"--stop-after must be in [1, --steps={args.steps}], got {args.stop_after}")
     if args.resume not in ("auto", "none") and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint directory; use auto, none or an existing checkpoint path")
+    args.cache_dir = args.cache_dir or str(Path("~/.cache/scale-zero").expanduser())
     args.job_name = args.job_name or f"{Path(args.model).stem}-{args.optimizer}-{args.backend}"
     args.run_dir = args.run_dir or str(Path("runs") / args.job_name)
     if args.backend == "deepspeed":
