@@ -79,12 +79,12 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, stream: data.TokenStrea
     return ckpt.commit_save(root, folder, step, {**ckpt.run_meta(cfg), "config": cfg.summary()}, cfg.keep)
 
 
-def load_checkpoint(engine, path: Path, stream: data.TokenStream, rank: int) -> int:
-    engine.load(path)
+def load_trainer_state(path: Path, stream: data.TokenStream, rank: int) -> dict:
+    """This rank's step, data position (restored into `stream` now: a checkpoint of other
+    data settings is refused before anything is built) and RNG states."""
     state = torch.load(ckpt.rank_state_path(path, rank), weights_only=False)
     stream.load_state_dict(state["data"])
-    ckpt.set_rng_state(state["rng"])
-    return state["step"]
+    return state
 
 
 def evaluate(engine, val_batches: list[torch.Tensor]) -> float:
@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None, preset: dict | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     device = init_distributed(cfg.backend)
 
-    # 2. Data (tokenizer, sources, vocabulary): any rank's problem stops every rank.
-    error = None
+    # 2. Data (tokenizer, sources, vocabulary, saved position): any rank's problem stops every rank.
+    error = trainer_state = None
     try:
         stream, val_batches = load_data(cfg, rank)
+        if resume_from is not None:
+            trainer_state = load_trainer_state(resume_from, stream, rank)
     except (data.DataError, ConfigError) as e:
         error = str(e)
     errors = [None] * world_size
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None, preset: dict | None = None) -> dict:
     engine = ENGINES[cfg.backend](cfg, device)
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(engine, resume_from, stream, rank)
+        engine.load(resume_from)
+        ckpt.set_rng_state(trainer_state["rng"])
+        step = trainer_state["step"]
         log.print(f"resumed from {resume_from} at step {step}")
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     flops_per_step = flops_per_token(cfg.model_config, cfg.seq_len) * tokens_per_step
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None, preset: dict | None = None) -> dict:
         log.scalars(0, {"val/loss": val_loss, "val/ppl": perplexity(val_loss)})
         log.print(f"step      0  validation loss {val_loss:.4f}  perplexity {perplexity(val_loss):.2f}")
     interval_losses, interval_start = [], time.perf_counter()
+    log.begin(step)
     checkpoint = resume_from
     last_step = cfg.stop_after or cfg.steps
     while step < last_step:

@@ -18,7 +18,8 @@ from tests.test_train_inputs import refused
 @pytest.fixture(scope="module")
 def fsdp_straight(tmp_path_factory):
     """One FSDP2 + SCALE run that the tests below compare with or resume from."""
-    return straight_run("fsdp", ["--no-bf16", "--optimizer", "scale"], tmp_path_factory.mktemp("fsdp"))
+    return straight_run("fsdp", ["--no-bf16", "--optimizer", "scale", "--activation-checkpointing"],
+                        tmp_path_factory.mktemp("fsdp"))
 
 SCALARS = {
     "train/loss", "train/ppl", "train/lr", "train/grad_norm", "val/loss", "val/ppl", "perf/tokens_per_s",
@@ -33,13 +34,15 @@ def final_checkpoint(run_dir):
 
 def test_deepspeed_zero3_resume_is_bitwise_exact(tmp_path):
     """6 steps in one go == 3 steps + a fresh process resuming for 3 more, every tensor."""
-    config = write_json(tmp_path / "ds.json", ZERO3)
+    # The config's activation_checkpointing section switches recomputation on.
+    config = write_json(tmp_path / "ds.json", {**ZERO3, "activation_checkpointing": {}})
     # TODO(merge deepspeed branch): "scale" here (scale_zero.initialize binds SCALE to ZeRO-3).
     args, straight = straight_run("deepspeed", ["--config", str(config), "--optimizer", "adamw"], tmp_path)
     split = ["--run-dir", str(tmp_path / "split")]
     first = run_ok("deepspeed", [*args, *split, "--stop-after", "3"], tmp_path)
     second = run_ok("deepspeed", [*args, *split], tmp_path)
     assert "resumed from" not in first.stdout and "step_00000003 at step 3" in second.stdout
+    assert '"activation_checkpointing": true' in first.stdout
     assert_same_checkpoint(final_checkpoint(straight), final_checkpoint(tmp_path / "split"))
 
 

@@ -27,11 +27,16 @@ class ConfigError(ValueError):
     """A bad argument or input file: the message names the problem and the fix."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # unset (None) defaults are explained in the help text
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
         description="Pretrain a LLaMA model with SCALE (or AdamW) under DeepSpeed ZeRO or FSDP2.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--backend", choices=BACKENDS, default="deepspeed",
                    help="deepspeed: start with the `deepspeed` launcher; fsdp: start with `torchrun`")
@@ -46,7 +51,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (SCALE's matrix lr, or AdamW's lr)")
     g.add_argument("--adam-lr", type=float, default=2e-2, help="SCALE's peak lr for 1-D parameters (AdamW inside SCALE)")
     g.add_argument("--momentum", type=float, default=0.9, help="SCALE's output-layer momentum (AdamW's beta1)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (the paper uses none)")
     g.add_argument("--grad-clip", type=float, default=None,
                    help="max global gradient norm, 0 = off (default: the DeepSpeed config's gradient_clipping, else 1.0)")
 
@@ -58,7 +63,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
                    help="sequences per rank per forward pass (default: the DeepSpeed config's "
                         "train_micro_batch_size_per_gpu, else 1); gradient accumulation = "
                         "global / (micro * data-parallel ranks)")
-    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (packed documents)")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup from 0 over this fraction of steps")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of the peak lr")
@@ -67,7 +72,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer in backward (default: on if the DeepSpeed config "
                         "has an activation_checkpointing section)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="model initialization and data order")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="embedded", help="embedded | c4 | a path or glob of text/jsonl/parquet files")
@@ -85,7 +90,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None,
                    help="end this invocation after this step with a checkpoint, keeping the schedule of --steps "
                         "(for time-limited jobs; the next start resumes)")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=int, default=10, help="TensorBoard scalars and a console line every N steps")
     g.add_argument("--eval-every", type=int, default=100, help="validation every N steps (and at the end); 0 = only at the end")
     g.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per validation (over all ranks)")
     g.add_argument("--peak-tflops", type=float, default=None,
@@ -181,7 +186,7 @@ def resolve(args: argparse.Namespace, world_size: int) -> TrainConfig:
         if not args.config:
             raise ConfigError("the deepspeed backend needs --config, a DeepSpeed JSON (e.g. configs/zero3_scale.json)")
         ds_config = load_json(args.config, "DeepSpeed config", "pass --config with an existing DeepSpeed JSON, e.g. configs/zero3_scale.json")
-        _merge_deepspeed_config(args, ds_config)
+        _merge_deepspeed_config(args, ds_config, world_size)
     elif args.config:
         raise ConfigError("--config is a DeepSpeed config; the fsdp backend takes its settings from the command line: drop --config")
     args.global_batch_size = args.global_batch_size or 512
@@ -234,7 +239,7 @@ def resolve(args: argparse.Namespace, world_size: int) -> TrainConfig:
     return TrainConfig(args, model_config, world_size, grad_accum, ds_config)
 
 
-def _merge_deepspeed_config(args: argparse.Namespace, ds: dict) -> None:
+def _merge_deepspeed_config(args: argparse.Namespace, ds: dict, world_size: int) -> None:
     """Fill unset arguments from the DeepSpeed config and refuse contradictions."""
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -254,6 +259,9 @@ def _merge_deepspeed_config(args: argparse.Namespace, ds: dict) -> None:
         value = ds.get(key)
         if getattr(args, name) is None and isinstance(value, int):
             setattr(args, name, value)
+    accumulation = ds.get("gradient_accumulation_steps")
+    if args.global_batch_size is None and args.micro_batch_size and isinstance(accumulation, int):
+        args.global_batch_size = args.micro_batch_size * accumulation * world_size  # as DeepSpeed derives it
     if args.grad_clip is None and isinstance(ds.get("gradient_clipping"), (int, float)):
         args.grad_clip = float(ds["gradient_clipping"])
     if args.bf16 is None:

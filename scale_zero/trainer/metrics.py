@@ -69,8 +69,11 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
-        self.start = time.perf_counter()
-        self.start_step: int | None = None
+        self.start, self.start_step = time.perf_counter(), 0
+
+    def begin(self, step: int) -> None:
+        """Training starts (or resumes) at `step`: the ETA counts from here."""
+        self.start, self.start_step = time.perf_counter(), step
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -83,8 +86,6 @@ class Logger:
             print(*args, flush=True)
 
     def progress(self, step: int, values: dict[str, float]) -> None:
-        if self.start_step is None:
-            self.start_step, self.start = step - 1, time.perf_counter()
         done = step - self.start_step
         eta = (time.perf_counter() - self.start) / done * (self.total_steps - step)
         self.print(
