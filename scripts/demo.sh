@@ -25,5 +25,5 @@ Demo finished in $(( $(date +%s) - start )) s: SCALE, DeepSpeed ZeRO-3, 2 CPU ra
   TensorBoard logs: $run_dir/tb
       open them with: $venv/bin/tensorboard --logdir $run_dir/tb   (then browse http://localhost:6006)
   Checkpoints:      $run_dir/checkpoints  (newest: $(cat "$run_dir/checkpoints/latest" 2>/dev/null || echo none))
-      continue training with: scripts/demo.sh   (same RUN_DIR=$run_dir and a larger --steps resumes it)
+      train on from the last one: RUN_DIR=$run_dir scripts/demo.sh --steps 300
 SUMMARY
