@@ -11,7 +11,6 @@ continues from the newest complete checkpoint there.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

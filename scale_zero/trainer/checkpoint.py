@@ -73,7 +73,7 @@ def run_meta(cfg: TrainConfig) -> dict:
 def check_compatible(path: Path, cfg: TrainConfig) -> dict:
     """Refuse a checkpoint this run cannot continue, naming what differs and the fix."""
     saved, ours = read_meta(path), run_meta(cfg)
-    fix = f"resume it with the settings it was saved with, or start a new run with another --run-dir / --job-name"
+    fix = "resume it with the settings it was saved with, or start a new run with another --run-dir / --job-name"
     if saved["model_config"] != ours["model_config"]:
         diff = sorted(k for k in set(saved["model_config"]) | set(ours["model_config"])
                       if saved["model_config"].get(k) != ours["model_config"].get(k)

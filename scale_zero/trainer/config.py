@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +34,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Usage errors as every other bad input: one message (rank 0's), exit status 2."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            super().error(message)
+        time.sleep(2)  # let rank 0 print before the launcher stops the other ranks
+        sys.exit(2)
+
+
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="launch/train.py",
         description="Pretrain a LLaMA model with SCALE (or AdamW) under DeepSpeed ZeRO or FSDP2.",
         formatter_class=_HelpFormatter,
@@ -271,6 +282,3 @@ def _merge_deepspeed_config(args: argparse.Namespace, ds: dict, world_size: int)
     if args.activation_checkpointing is None:
         args.activation_checkpointing = "activation_checkpointing" in ds
 
-
-def warmup_steps(cfg: TrainConfig) -> int:
-    return math.ceil(cfg.warmup_ratio * cfg.steps)
