@@ -1,0 +1,104 @@
+"""Throughput, MFU, memory, and the TensorBoard / console logs (rank 0 writes)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig
+
+# Dense bf16 peak TFLOP/s per device, by a substring of the CUDA device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+CPU_PEAK_TFLOPS = 1.0  # nominal: MFU on CPU is only comparable with itself
+
+
+def peak_tflops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+        return PEAK_TFLOPS["A100"]
+    return CPU_PEAK_TFLOPS
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters that do matmuls) + attention scores
+    (12 x layers x hidden x seq_len), as torchtitan counts them."""
+    h, layers, ffn, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + vocab * h  # + lm_head; the embedding is a lookup
+    return 6 * matmul_params + 12 * layers * h * seq_len
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+class Logger:
+    """Scalars to TensorBoard (`<run_dir>/tb`) and a progress line to the console, on rank 0."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+        self.start, self.start_step = time.perf_counter(), 0
+
+    def begin(self, step: int) -> None:
+        """Training starts (or resumes) at `step`: the ETA counts from here."""
+        self.start, self.start_step = time.perf_counter(), step
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def print(self, *args) -> None:
+        if self.enabled:
+            print(*args, flush=True)
+
+    def progress(self, step: int, values: dict[str, float]) -> None:
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.start) / done * (self.total_steps - step)
+        self.print(
+            f"step {step:>6}/{self.total_steps}  loss {values['train/loss']:.4f}  lr {values['train/lr']:.3e}  "
+            f"grad_norm {values['train/grad_norm']:.3f}  tokens/s {_human(values['perf/tokens_per_s'])}  "
+            f"mfu {values['perf/mfu']:.2%}  mem {_human(values['memory/peak_bytes'])}B  "
+            f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
