@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.train_launch import (
-    TINY_MODEL, ZERO0, ZERO3, assert_same_checkpoint, run_ok, straight_run, train, write_json,
+    TINY_MODEL, ZERO3, assert_same_checkpoint, run_ok, straight_run, train, write_json,
 )
 from tests.test_train_inputs import refused
 
@@ -36,8 +36,7 @@ def test_deepspeed_zero3_resume_is_bitwise_exact(tmp_path):
     """6 steps in one go == 3 steps + a fresh process resuming for 3 more, every tensor."""
     # The config's activation_checkpointing section switches recomputation on.
     config = write_json(tmp_path / "ds.json", {**ZERO3, "activation_checkpointing": {}})
-    # TODO(merge deepspeed branch): "scale" here (scale_zero.initialize binds SCALE to ZeRO-3).
-    args, straight = straight_run("deepspeed", ["--config", str(config), "--optimizer", "adamw"], tmp_path)
+    args, straight = straight_run("deepspeed", ["--config", str(config), "--optimizer", "scale"], tmp_path)
     split = ["--run-dir", str(tmp_path / "split")]
     first = run_ok("deepspeed", [*args, *split, "--stop-after", "3"], tmp_path)
     second = run_ok("deepspeed", [*args, *split], tmp_path)
@@ -64,9 +63,10 @@ def assert_every_scalar(run_dir, collectives: int):
 
 
 def test_deepspeed_scale_tensorboard_has_every_scalar(tmp_path):
-    config = write_json(tmp_path / "ds.json", ZERO0)  # TODO(merge deepspeed branch): ZeRO-3
+    config = write_json(tmp_path / "ds.json", ZERO3)
     _, run_dir = straight_run("deepspeed", ["--config", str(config), "--optimizer", "scale"], tmp_path)
-    assert_every_scalar(run_dir, collectives=0)  # stage 0 replicates whole parameters: nothing to reduce
+    # ZeRO-3 steps each role group separately: embedding, output and matrix, one all_reduce each
+    assert_every_scalar(run_dir, collectives=3)
 
 
 def test_fsdp_tensorboard_has_every_scalar(fsdp_straight):

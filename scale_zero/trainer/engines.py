@@ -65,10 +65,8 @@ class DeepSpeedEngine:
         else:
             optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.adam_lr, cfg.momentum, cfg.weight_decay)
             ds.setdefault("zero_allow_untested_optimizer", True)
-        # TODO(merge deepspeed branch): call scale_zero.initialize directly; it binds SCALE to
-        # ZeRO's flat partitions (deepspeed.initialize works for AdamW and for SCALE at stage 0).
-        initialize = getattr(scale_zero, "initialize", deepspeed.initialize)
-        self.engine, _, _, self.scheduler = initialize(
+        # scale_zero.initialize binds SCALE to ZeRO's flat partitions; other optimizers pass through.
+        self.engine, _, _, self.scheduler = scale_zero.initialize(
             model=model,
             optimizer=optimizer,
             model_parameters=model.parameters() if optimizer is None else None,
