@@ -32,12 +32,13 @@ import json
 import math
 import sys
 import warnings
+from unittest import mock
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
 from scale_zero.param_groups import scale_param_groups
 
@@ -102,7 +103,8 @@ class EngineConfig:
 
     engine: str = "zero3"
     precision: str = "bf16"  # parameter / compute dtype
-    grad_accum_dtype: str | None = None  # DeepSpeed: defaults to the parameter dtype
+    # fp32 as in configs/zero*_scale.json; None = the parameter dtype (DeepSpeed's default)
+    grad_accum_dtype: str | None = "fp32"
     reduce_bucket_size: int = DS_DEFAULTS["reduce_bucket_size"]
     prefetch_bucket_size: int = DS_DEFAULTS["prefetch_bucket_size"]
     param_persistence_threshold: int = DS_DEFAULTS["param_persistence_threshold"]
@@ -205,8 +207,6 @@ def engine_buffers(params: list[Param], config: LlamaConfig, world: int, engine:
     and prefetched) and one block's unsharded gradients with their fp32 reduce-scatter copy."""
     blocks = [sum(p.numel for p in params if p.name.startswith(f"model.layers.{i}.")) for i in range(config.num_hidden_layers)]
     largest = max([*blocks, *(p.numel for p in params if p.role in ("embedding", "output"))])
-    if world == 1 and engine.engine != "fsdp2":
-        return engine.grad_bytes * min(engine.reduce_bucket_size, sum(p.numel for p in params))
     if engine.engine == "zero3":
         gathered = engine.param_bytes * (largest + engine.prefetch_bucket_size)
         return gathered + engine.grad_bytes * engine.reduce_bucket_size
@@ -224,7 +224,10 @@ def _activation_peak(config_json: str, micro_batch: int, seq_len: int, checkpoin
     config.num_hidden_layers = layers
     config.use_cache = False
     config._attn_implementation = "sdpa"
-    with FakeTensorMode(), _default_dtype(dtype), warnings.catch_warnings():
+    # Transformers cannot read fake position ids, so it would build an explicit attention mask
+    # for possibly packed sequences; a real unpacked batch gets none (SDPA's is_causal).
+    unpacked = mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with FakeTensorMode(), _default_dtype(dtype), unpacked, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MemTracker warns about untyped storages of fake tensors
         model = LlamaForCausalLM(config)
         model.train()
@@ -419,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=ENGINES, action="append", help="default: zero2, zero3, fsdp2")
     parser.add_argument("--ds-config", help="DeepSpeed JSON: precision, grad accumulation dtype, bucket sizes")
     parser.add_argument("--precision", choices=sorted(DTYPE_BYTES), default="bf16")
+    parser.add_argument("--grad-accum-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
+                        help="ZeRO gradient partitions (configs/zero*_scale.json use fp32); FSDP2 keeps fp32")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept for the CUDA context, NCCL, fragmentation")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="with --gpu-memory: exit 1 if this run does not fit")
     args = parser.parse_args(argv)
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ds_config:
         engines = [EngineConfig.from_ds_config(args.ds_config)]
     else:
-        engines = [EngineConfig(engine=e, precision=args.precision) for e in (args.engine or ["zero2", "zero3", "fsdp2"])]
+        engines = [EngineConfig(engine=e, precision=args.precision, grad_accum_dtype=args.grad_accum_dtype) for e in (args.engine or ["zero2", "zero3", "fsdp2"])]
     try:
         print(format_plan(args.model, world, args.micro_batch_size, args.seq_len, args.gpu_memory, engines,
                           args.activation_checkpointing, args.reserve))

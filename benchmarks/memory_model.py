@@ -1,0 +1,233 @@
+"""Memory of SCALE against AdamW under DeepSpeed ZeRO-3: the model, checked against real runs.
+
+    python benchmarks/memory_model.py                      # table + cross-check (about 1 min)
+    python benchmarks/memory_model.py --rss 350m           # + peak RSS of real ZeRO-3 steps
+    python benchmarks/memory_model.py --rss 350m --out docs/results/memory.md
+
+1. Per-rank bytes of parameters, gradients and optimizer state under ZeRO-3 for every model
+   size and 1, 8, 64 ranks, from the exact shapes (`scale_zero.plan.model_states`, the
+   dtypes of configs/zero3_scale.json: bf16 parameters, fp32 master, fp32 gradient
+   accumulation).
+2. The same numbers counted on a real DeepSpeed ZeRO-3 engine (2 CPU ranks, a small LLaMA
+   with odd sizes so partitions are padded): the engine's bf16 partitions and persistent
+   parameters, fp32 partitions, gradient partition buffer and every tensor in the client
+   optimizer's state, after one step.
+3. Peak resident memory (ru_maxrss) of real ZeRO-3 training steps on 2 CPU ranks, SCALE
+   against AdamW, for a given size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from scale_zero.plan import GIB, EngineConfig, load_config, model_params, model_states  # noqa: E402
+
+SIZES = ("60m", "130m", "350m", "1b", "7b")
+RANKS = (1, 8, 64)
+# configs/zero3_scale.json: bf16 parameters, fp32 gradient accumulation, default persistence.
+ZERO3 = EngineConfig(engine="zero3", precision="bf16", grad_accum_dtype="fp32")
+# Odd sizes: every partition is padded and rows straddle the two ranks; the embedding and
+# output layer are above the persistence threshold (1e5), the rest below.
+CHECK_MODEL = dict(hidden_size=48, intermediate_size=130, vocab_size=2111, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def ds_config(micro_batch: int, stage: int = 3) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+        "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": ZERO3.param_persistence_threshold},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+    }
+
+
+def state_table() -> list[str]:
+    lines = [
+        "| model | params | ranks | bf16 params | fp32 master | grads (fp32) | SCALE state | AdamW state | SCALE/AdamW state | total SCALE | total AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size in SIZES:
+        params = model_params(load_config(size))
+        n = sum(p.numel for p in params)
+        for world in RANKS:
+            s = model_states(params, world, ZERO3)
+            scale, adamw = s.optimizer["scale"], s.optimizer["adamw"]
+            common = s.params + s.master + s.grads
+            lines.append(
+                f"| {size} | {n / 1e6:.1f}M | {world} | {_gib(s.params)} | {_gib(s.master)} | {_gib(s.grads)} | "
+                f"{_gib(scale)} | {_gib(adamw)} | {scale / adamw:.2%} | {_gib(common + scale)} | {_gib(common + adamw)} |"
+            )
+    return lines
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3f} GiB" if n < 10 * GIB else f"{n / GIB:.1f} GiB"
+
+
+def _nbytes(tensors) -> int:
+    """Bytes of distinct storages (a tensor and its views count once)."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _engine(config: LlamaConfig, optimizer: str, micro_batch: int):
+    import deepspeed
+
+    import scale_zero
+    from scale_zero import SCALE, scale_param_groups
+
+    ds = ds_config(micro_batch)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(config)
+    groups = scale_param_groups(model)
+    opt = SCALE(groups, lr=1e-3, adam_lr=1e-3) if optimizer == "scale" else torch.optim.AdamW(groups, lr=1e-3)
+    engine, *_ = scale_zero.initialize(model=model, optimizer=opt, config=ds)
+    return engine
+
+
+def _train_step(engine, ids: torch.Tensor) -> float:
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def count_engine_states(optimizers: tuple[str, ...] = ("scale", "adamw"), config_kwargs: dict = CHECK_MODEL) -> dict:
+    """On each rank of a process group, per optimizer: one ZeRO-3 step, then the bytes the
+    engine holds."""
+    config = LlamaConfig(**config_kwargs)
+    counts = {}
+    for optimizer in optimizers:
+        engine = _engine(config, optimizer, micro_batch=2)
+        _train_step(engine, torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)))
+        zero = engine.optimizer
+        counts[optimizer] = {
+            # whole persistent parameters + this rank's bf16 partitions (the data of the
+            # partitioned parameters is released after the step: numel 0)
+            "params": _nbytes([p.data for p in engine.module.parameters()]) + _nbytes(zero.fp16_partitioned_groups_flat),
+            "master": _nbytes(zero.fp32_partitioned_groups_flat),
+            "grads": _nbytes([zero.grad_partitions_flat_buffer]),
+            "optimizer": _nbytes(v for state in zero.optimizer.state.values() for v in state.values()),
+        }
+        engine.destroy()
+    return counts
+
+
+def model_counts(optimizer: str, world: int, config_kwargs: dict = CHECK_MODEL) -> dict[str, int]:
+    """What `count_engine_states` should find, from the shapes."""
+    s = model_states(model_params(LlamaConfig(**config_kwargs)), world, ZERO3)
+    return {"params": s.params, "master": s.master, "grads": s.grads, "optimizer": s.optimizer[optimizer]}
+
+
+def cross_check(world: int = 2) -> tuple[list[str], float]:
+    """Model vs engine for both optimizers; returns the markdown rows and the worst relative error."""
+    from tests.distributed import run_distributed
+
+    rows, worst = [], 0.0
+    for rank, measured in enumerate(run_distributed(count_engine_states, world)):
+        for optimizer, counts in measured.items():
+            model = model_counts(optimizer, world)
+            for key, value in counts.items():
+                error = abs(value - model[key]) / model[key]
+                worst = max(worst, error)
+                rows.append(f"| {optimizer} | {rank} | {key} | {model[key]:,} | {value:,} | {error:.3%} |")
+    return rows, worst
+
+
+def _rss_worker(size: str, optimizer: str, steps: int, micro_batch: int, seq_len: int) -> dict:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    config = load_config(size)
+    engine = _engine(config, optimizer, micro_batch)
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+    times, losses = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(_train_step(engine, torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=g)))
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    state = _nbytes(v for s in engine.optimizer.optimizer.state.values() for v in s.values())
+    return {"before": before, "built": built, "peak": peak, "state": state, "step_s": times, "loss": losses}
+
+
+def rss_rows(size: str, steps: int, micro_batch: int, seq_len: int, world: int = 2) -> list[str]:
+    from tests.distributed import run_distributed
+
+    rows = []
+    for optimizer in ("scale", "adamw"):
+        results = run_distributed(_rss_worker, world, size, optimizer, steps, micro_batch, seq_len)
+        for rank, r in enumerate(results):
+            rows.append(
+                f"| {size} | {optimizer} | {rank} | {_gib(r['peak'])} | {_gib(r['built'] - r['before'])} | "
+                f"{_gib(r['peak'] - r['before'])} | {_gib(r['state'])} | {min(r['step_s']):.1f} s |"
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rss", metavar="SIZE", help="also measure peak RSS of real ZeRO-3 steps for this size")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--out", help="write the markdown report here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    out = [
+        "# Memory: SCALE against AdamW under DeepSpeed ZeRO-3", "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, {_total_memory()}, torch {torch.__version__}. "
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Command: `python benchmarks/memory_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+        "## Per-rank model states from the shapes (ZeRO-3, bf16 + fp32 master + fp32 grads)", "",
+        *state_table(), "",
+    ]
+    rows, worst = cross_check()
+    out += [
+        "## The model against a real ZeRO-3 engine (2 CPU ranks, bytes after one step)", "",
+        f"Model: LlamaConfig({', '.join(f'{k}={v}' for k, v in CHECK_MODEL.items())}).", "",
+        "| optimizer | rank | what | model | engine | error |", "|---|---|---|---|---|---|", *rows, "",
+        f"Largest disagreement: {worst:.3%}.", "",
+    ]
+    if args.rss:
+        out += [
+            f"## Peak resident memory of real ZeRO-3 steps, 2 CPU ranks ({args.steps} steps, micro batch "
+            f"{args.micro_batch_size} x {args.seq_len})", "",
+            "| model | optimizer | rank | peak RSS | engine built (delta) | peak (delta) | optimizer state | fastest step |",
+            "|---|---|---|---|---|---|---|---|",
+            *rss_rows(args.rss, args.steps, args.micro_batch_size, args.seq_len), "",
+        ]
+    text = "\n".join(out)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if worst > 0.01:
+        sys.exit(f"the memory model and the engine disagree by {worst:.2%} (> 1%)")
+
+
+def _total_memory() -> str:
+    with open("/proc/meminfo") as f:
+        kib = int(f.readline().split()[1])
+    return f"{kib / 2**20:.0f} GiB RAM"
+
+
+if __name__ == "__main__":
+    main()
