@@ -200,18 +200,19 @@ def _optimizer_bytes(output_numel: int, vector_numel: int, total_numel: int) -> 
     }
 
 
-def engine_buffers(params: list[Param], config: LlamaConfig, world: int, engine: EngineConfig) -> int:
-    """Transient engine memory at the activation peak (an estimate from the engine's design,
-    not measured here): ZeRO's gradient reduce bucket and ZeRO-3's gathered parameters (the
-    largest block plus the prefetch bucket); FSDP2's two all-gathered bf16 blocks (current
-    and prefetched) and one block's unsharded gradients with their fp32 reduce-scatter copy."""
+def engine_buffers(params: list[Param], config: LlamaConfig, engine: EngineConfig) -> int:
+    """Engine memory outside the model states (from the engines' designs; not measured here):
+    ZeRO's contiguous gradient bucket (`reduce_bucket_size` elements of the parameter dtype)
+    and ZeRO-3's gathered parameters (the largest block plus the prefetch bucket); FSDP2's two
+    all-gathered bf16 blocks (current and prefetched) and one block's unsharded gradients
+    with their fp32 reduce-scatter copy."""
     blocks = [sum(p.numel for p in params if p.name.startswith(f"model.layers.{i}.")) for i in range(config.num_hidden_layers)]
     largest = max([*blocks, *(p.numel for p in params if p.role in ("embedding", "output"))])
+    bucket = engine.param_bytes * engine.reduce_bucket_size
     if engine.engine == "zero3":
-        gathered = engine.param_bytes * (largest + engine.prefetch_bucket_size)
-        return gathered + engine.grad_bytes * engine.reduce_bucket_size
+        return bucket + engine.param_bytes * (largest + engine.prefetch_bucket_size)
     if engine.engine in ("zero1", "zero2"):
-        return engine.grad_bytes * engine.reduce_bucket_size
+        return bucket
     return 2 * 2 * largest + (2 + 4) * largest
 
 
@@ -325,7 +326,7 @@ def estimate(
         model=str(getattr(model, "name_or_path", model)), engine=engine.engine, optimizer=optimizer, world=world_size,
         micro_batch_size=micro_batch_size, seq_len=seq_len, activation_checkpointing=activation_checkpointing,
         states=states, activations=fixed + per_sequence * micro_batch_size,
-        buffers=engine_buffers(params, config, world_size, engine), reserve=int(reserve_gib * GIB), gpu_memory=gpu_memory,
+        buffers=engine_buffers(params, config, engine), reserve=int(reserve_gib * GIB), gpu_memory=gpu_memory,
     )
     if gpu_memory is not None:
         free = gpu_memory - (result.total - result.activations) - fixed
