@@ -1,8 +1,8 @@
 """Memory of SCALE against AdamW under DeepSpeed ZeRO-3: the model, checked against real runs.
 
     python benchmarks/memory_model.py                      # table + cross-check (about 1 min)
-    python benchmarks/memory_model.py --rss 350m           # + peak RSS of real ZeRO-3 steps
-    python benchmarks/memory_model.py --rss 350m --out docs/results/memory.md
+    python benchmarks/memory_model.py --rss 350m 1b        # + peak RSS of real ZeRO-3 steps
+    python benchmarks/memory_model.py --rss 350m 1b --out docs/results/memory.md
 
 1. Per-rank bytes of parameters, gradients and optimizer state under ZeRO-3 for every model
    size and 1, 8, 64 ranks, from the exact shapes (`scale_zero.plan.model_states`, the
@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from scale_zero.plan import GIB, EngineConfig, load_config, model_params, model_states  # noqa: E402
+from scale_zero.plan import (  # noqa: E402
+    GIB, EngineConfig, activation_bytes, engine_buffers, load_config, model_params, model_states,
+)
 
 SIZES = ("60m", "130m", "350m", "1b", "7b")
 RANKS = (1, 8, 64)
@@ -171,20 +173,27 @@ def _rss_worker(size: str, optimizer: str, steps: int, micro_batch: int, seq_len
 def rss_rows(size: str, steps: int, micro_batch: int, seq_len: int, world: int = 2) -> list[str]:
     from tests.distributed import run_distributed
 
+    config = load_config(size)
+    params = model_params(config)
+    states = model_states(params, world, ZERO3)
+    activations = activation_bytes(config, micro_batch, seq_len, checkpointing=False)
+    buffers = engine_buffers(params, config, ZERO3)
     rows = []
     for optimizer in ("scale", "adamw"):
-        results = run_distributed(_rss_worker, world, size, optimizer, steps, micro_batch, seq_len)
-        for rank, r in enumerate(results):
+        planned = states.params + states.master + states.grads + states.optimizer[optimizer] + activations
+        for rank, r in enumerate(run_distributed(_rss_worker, world, size, optimizer, steps, micro_batch, seq_len)):
             rows.append(
                 f"| {size} | {optimizer} | {rank} | {_gib(r['peak'])} | {_gib(r['built'] - r['before'])} | "
-                f"{_gib(r['peak'] - r['before'])} | {_gib(r['state'])} | {min(r['step_s']):.1f} s |"
+                f"{_gib(r['peak'] - r['before'])} | {_gib(planned)} | {_gib(planned + buffers)} | "
+                f"{_gib(r['state'])} | {min(r['step_s']):.1f} s |"
             )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rss", metavar="SIZE", help="also measure peak RSS of real ZeRO-3 steps for this size")
+    parser.add_argument("--rss", metavar="SIZE", nargs="+", default=[],
+                        help="also measure peak RSS of real ZeRO-3 steps for these sizes")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -211,9 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         out += [
             f"## Peak resident memory of real ZeRO-3 steps, 2 CPU ranks ({args.steps} steps, micro batch "
             f"{args.micro_batch_size} x {args.seq_len})", "",
-            "| model | optimizer | rank | peak RSS | engine built (delta) | peak (delta) | optimizer state | fastest step |",
-            "|---|---|---|---|---|---|---|---|",
-            *rss_rows(args.rss, args.steps, args.micro_batch_size, args.seq_len), "",
+            "| model | optimizer | rank | peak RSS | engine built (delta) | peak (delta) | planner: states + activations "
+            "| planner + engine buffers | optimizer state | fastest step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *(row for size in args.rss for row in rss_rows(size, args.steps, args.micro_batch_size, args.seq_len)), "",
         ]
     text = "\n".join(out)
     print(text)

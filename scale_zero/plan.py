@@ -322,8 +322,9 @@ def estimate(
     states = model_states(params, world_size, engine)
     fixed, per_sequence = activation_line(config, seq_len, activation_checkpointing, engine.precision)
     gpu_memory = None if gpu_memory_gib is None else int(gpu_memory_gib * GIB)
+    name = f"a {sum(p.numel for p in params) / 1e6:.1f}M-parameter LLaMA" if isinstance(model, LlamaConfig) else str(model)
     result = Estimate(
-        model=str(getattr(model, "name_or_path", model)), engine=engine.engine, optimizer=optimizer, world=world_size,
+        model=name, engine=engine.engine, optimizer=optimizer, world=world_size,
         micro_batch_size=micro_batch_size, seq_len=seq_len, activation_checkpointing=activation_checkpointing,
         states=states, activations=fixed + per_sequence * micro_batch_size,
         buffers=engine_buffers(params, config, engine), reserve=int(reserve_gib * GIB), gpu_memory=gpu_memory,
@@ -344,16 +345,22 @@ def check_fits(
     engine: str | EngineConfig = "zero3",
     activation_checkpointing: bool = False,
     reserve_gib: float = 2.0,
+    global_batch_size: int | None = None,
 ) -> Estimate:
     """Refuse up front a run that cannot fit: raises MemoryPlanError with the per-GPU numbers
-    and what would fit (a smaller micro batch, activation checkpointing, more ranks)."""
+    and what would fit (a smaller micro batch, dividing `global_batch_size` over the ranks
+    when given; activation checkpointing; more ranks)."""
     plan = estimate(model, world_size, micro_batch_size, seq_len, optimizer, engine, activation_checkpointing, gpu_memory_gib, reserve_gib)
     if plan.fits:
         return plan
     parts = ", ".join(f"{name} {gib(b)}" for name, b in plan.parts.items())
     ways = []
-    if plan.max_micro_batch:
-        ways.append(f"--micro-batch-size {plan.max_micro_batch} (gradient accumulation keeps the global batch)")
+    smaller = [
+        b for b in range(plan.max_micro_batch, 0, -1)
+        if global_batch_size is None or global_batch_size % (b * world_size) == 0
+    ]
+    if smaller:
+        ways.append(f"--micro-batch-size {smaller[0]} (gradient accumulation keeps the global batch)")
     if not activation_checkpointing:
         with_ac = estimate(model, world_size, micro_batch_size, seq_len, optimizer, engine, True, gpu_memory_gib, reserve_gib)
         if with_ac.fits:

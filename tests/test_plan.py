@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -85,8 +86,12 @@ def test_activation_depth_extrapolation_is_exact():
 
 def test_check_fits_refuses_with_the_numbers():
     with pytest.raises(plan.MemoryPlanError) as err:
-        plan.check_fits("7b", world_size=8, micro_batch_size=16, seq_len=256, gpu_memory_gib=40, optimizer="adamw")
+        plan.check_fits("7b", world_size=8, micro_batch_size=16, seq_len=256, gpu_memory_gib=40, optimizer="adamw",
+                        global_batch_size=512)
     message = str(err.value)
+    suggested = int(re.search(r"--micro-batch-size (\d+)", message).group(1))
+    assert 512 % (suggested * 8) == 0
+    assert plan.check_fits("7b", 8, suggested, 256, 40, "adamw").fits
     assert "needs" in message and "per GPU" in message and "the GPU has 40.00 GiB" in message
     for part in ("parameters", "fp32 master", "gradients", "optimizer state", "activations"):
         assert part in message
