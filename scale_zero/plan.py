@@ -72,7 +72,7 @@ def load_config(model: str | Path | LlamaConfig) -> LlamaConfig:
         return model
     path = Path(model)
     if not path.suffix:
-        path = MODELS_DIR / f"{model}.json"
+        path = MODELS_DIR / f"{str(model).lower()}.json"
     if not path.is_file():
         known = sorted(p.stem for p in MODELS_DIR.glob("*.json"))
         raise FileNotFoundError(f"no model config {path}: give a size ({', '.join(known) or 'models/*.json'}) or a LlamaConfig JSON path")

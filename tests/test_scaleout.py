@@ -22,7 +22,8 @@ TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_
         "num_key_value_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 64, "vocab_size": 8192,
         "tie_word_embeddings": False}
 RUN = ["--steps", "4", "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-len", "32",
-       "--eval-tokens", "256", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2"]
+       "--eval-tokens", "256", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2",
+       "--adam-lr", "1e-3"]
 
 
 @pytest.mark.parametrize("size, lr, steps", [("1b", 2e-4, 100_000), ("7b", 1e-4, 150_000)])
@@ -42,9 +43,9 @@ def test_global_batch_is_constant_across_rank_counts(world):
     assert cfg.micro_batch_size * world * cfg.grad_accum == 512
 
 
-def _launch(launcher_args: list[str], run_dir: Path, model: Path, cache: Path) -> subprocess.Popen:
+def _launch(launcher_args: list[str], script: str, run_dir: Path, model: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(DEEPSPEED), *launcher_args, "launch/train_1b.py", "--config", "configs/zero3_scale.json",
+    cmd = [str(DEEPSPEED), *launcher_args, script, "--config", "configs/zero3_scale.json",
            "--model", str(model), "--run-dir", str(run_dir), "--cache-dir", str(cache), *RUN]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -66,15 +67,18 @@ def _masters(checkpoint: Path) -> dict[int, list[torch.Tensor]]:
 
 
 def test_two_nodes_emulated_match_one_node(tmp_path):
+    """One node runs the 7B preset, the two emulated nodes the 1B one, both with the tiny model:
+    every value in which the presets differ is set by RUN, so the runs must agree exactly."""
     model = tmp_path / "tiny.json"
     model.write_text(json.dumps(TINY))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     one_port, two_port = free_port(), free_port()
-    single = _launch(["--num_gpus", "2", "--master_port", str(one_port)], tmp_path / "one", model, tmp_path / "c1")
+    single = _launch(["--num_gpus", "2", "--master_port", str(one_port)], "launch/train_7b.py", tmp_path / "one",
+                     model, tmp_path / "c1")
     nodes = [
         _launch(["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-                 "--master_port", str(two_port)], tmp_path / "two", model, tmp_path / f"c2{rank}")
+                 "--master_port", str(two_port)], "launch/train_1b.py", tmp_path / "two", model, tmp_path / f"c2{rank}")
         for rank in (0, 1)
     ]
     one_node = _finish(single)

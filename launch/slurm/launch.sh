@@ -39,13 +39,14 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTHONUNBUFFERED=1
 mkdir -p "$RUN_DIR"
 
-echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes [$(echo $nodes)] x $GPUS_PER_NODE ranks," \
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes [$(paste -sd' ' <<<"$nodes")] x $GPUS_PER_NODE ranks," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 
 # sbatch --signal=B:USR1@N delivers USR1 N seconds before the time limit: requeue, and the
 # next start resumes from the last checkpoint.
 trap 'echo "time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
 
+# shellcheck disable=SC2016  # expanded by each task's shell: its own SLURM_NODEID
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
     exec "$0" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" \
         --nproc-per-node "$1" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "${@:2}"' \
