@@ -1,17 +1,18 @@
 """Memory of SCALE against AdamW under DeepSpeed ZeRO-3: the model, checked against real runs.
 
     python benchmarks/memory_model.py                      # table + cross-check (about 1 min)
-    python benchmarks/memory_model.py --rss 350m 1b        # + peak RSS of real ZeRO-3 steps
-    python benchmarks/memory_model.py --rss 350m 1b --out docs/results/memory.md
+    python benchmarks/memory_model.py --rss 350m           # + peak RSS of real ZeRO-3 steps (7 min)
+    python benchmarks/memory_model.py --rss 350m --out docs/results/memory.md
 
 1. Per-rank bytes of parameters, gradients and optimizer state under ZeRO-3 for every model
    size and 1, 8, 64 ranks, from the exact shapes (`scale_zero.plan.model_states`, the
    dtypes of configs/zero3_scale.json: bf16 parameters, fp32 master, fp32 gradient
    accumulation).
-2. The same numbers counted on a real DeepSpeed ZeRO-3 engine (2 CPU ranks, a small LLaMA
-   with odd sizes so partitions are padded): the engine's bf16 partitions and persistent
-   parameters, fp32 partitions, gradient partition buffer and every tensor in the client
-   optimizer's state, after one step.
+2. The same numbers counted on real engines, 2 CPU ranks, a small LLaMA with odd sizes so
+   partitions are padded: DeepSpeed ZeRO-3 (bf16 partitions and persistent parameters, fp32
+   partitions, gradient partition buffer), ZeRO-2 (bf16 flat buffers, fp32 slices, gradient
+   partitions) and FSDP2 (local shards of parameters and gradients), and every tensor in the
+   optimizer's state, SCALE and AdamW. The model must agree within 1%.
 3. Peak resident memory (ru_maxrss) of real ZeRO-3 training steps on 2 CPU ranks, SCALE
    against AdamW, for a given size.
 """
@@ -41,6 +42,8 @@ SIZES = ("60m", "130m", "350m", "1b", "7b")
 RANKS = (1, 8, 64)
 # configs/zero3_scale.json: bf16 parameters, fp32 gradient accumulation, default persistence.
 ZERO3 = EngineConfig(engine="zero3", precision="bf16", grad_accum_dtype="fp32")
+CHECKED_ENGINES = {"zero2": EngineConfig(engine="zero2", precision="bf16", grad_accum_dtype="fp32"), "zero3": ZERO3,
+                   "fsdp2": EngineConfig(engine="fsdp2")}
 # Odd sizes: every partition is padded and rows straddle the two ranks; the embedding and
 # output layer are above the persistence threshold (1e5), the rest below.
 CHECK_MODEL = dict(hidden_size=48, intermediate_size=130, vocab_size=2111, num_hidden_layers=2,
@@ -88,14 +91,15 @@ def _nbytes(tensors) -> int:
     return sum(storages.values())
 
 
-def _engine(config: LlamaConfig, optimizer: str, micro_batch: int):
+def _engine(config: LlamaConfig, optimizer: str, micro_batch: int, stage: int = 3):
+    """A DeepSpeed engine (configs/zero*_scale.json's dtypes) with SCALE or torch AdamW."""
     import deepspeed
 
     import scale_zero
     from scale_zero import SCALE, scale_param_groups
 
-    ds = ds_config(micro_batch)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    ds = ds_config(micro_batch, stage)
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM(config)
@@ -112,45 +116,91 @@ def _train_step(engine, ids: torch.Tensor) -> float:
     return loss.item()
 
 
-def count_engine_states(optimizers: tuple[str, ...] = ("scale", "adamw"), config_kwargs: dict = CHECK_MODEL) -> dict:
-    """On each rank of a process group, per optimizer: one ZeRO-3 step, then the bytes the
-    engine holds."""
-    config = LlamaConfig(**config_kwargs)
-    counts = {}
-    for optimizer in optimizers:
-        engine = _engine(config, optimizer, micro_batch=2)
-        _train_step(engine, torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)))
-        zero = engine.optimizer
-        counts[optimizer] = {
-            # whole persistent parameters + this rank's bf16 partitions (the data of the
-            # partitioned parameters is released after the step: numel 0)
-            "params": _nbytes([p.data for p in engine.module.parameters()]) + _nbytes(zero.fp16_partitioned_groups_flat),
-            "master": _nbytes(zero.fp32_partitioned_groups_flat),
-            "grads": _nbytes([zero.grad_partitions_flat_buffer]),
-            "optimizer": _nbytes(v for state in zero.optimizer.state.values() for v in state.values()),
-        }
-        engine.destroy()
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    from scale_zero.dtensor import local_tensor
+
+    return _nbytes(local_tensor(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _count_deepspeed(config: LlamaConfig, optimizer: str, stage: int, ids: torch.Tensor) -> dict[str, int]:
+    engine = _engine(config, optimizer, micro_batch=ids.shape[0], stage=stage)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    zero = engine.optimizer
+    # ZeRO-2's gradient partitions exist between backward and step; ZeRO-3's buffer always.
+    grads = [zero.grad_partitions_flat_buffer] if stage == 3 else [t for g in zero.averaged_gradients.values() for t in g]
+    counts = {"grads": _nbytes(grads)}
+    engine.step()
+    if stage == 3:
+        counts.update(
+            # this rank's bf16 partitions + the persistent parameters, whole (gathered at the
+            # end of a step; the others' data is released between uses: numel 0)
+            params=_nbytes([p.data for p in engine.module.parameters()]) + _nbytes(zero.fp16_partitioned_groups_flat),
+            master=_nbytes(zero.fp32_partitioned_groups_flat),
+        )
+    else:
+        counts.update(params=_nbytes(zero.bit16_groups_flat), master=_nbytes(zero.single_partition_of_fp32_groups))
+    counts["optimizer"] = _state_bytes(zero.optimizer)
+    engine.destroy()
     return counts
 
 
-def model_counts(optimizer: str, world: int, config_kwargs: dict = CHECK_MODEL) -> dict[str, int]:
+def _count_fsdp2(config: LlamaConfig, optimizer: str, ids: torch.Tensor) -> dict[str, int]:
+    """FSDP2 as launch/train.py wraps it: each decoder layer, then the model; bf16 compute,
+    fp32 reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import LlamaForCausalLM
+
+    from scale_zero import SCALE, scale_param_groups
+    from scale_zero.dtensor import local_tensor
+
+    model = LlamaForCausalLM(config)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    groups = scale_param_groups(model)
+    opt = SCALE(groups, lr=1e-3, adam_lr=1e-3) if optimizer == "scale" else torch.optim.AdamW(groups, lr=1e-3)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return {
+        "params": _nbytes(local_tensor(p) for p in model.parameters()),
+        "master": 0,
+        "grads": _nbytes(local_tensor(p.grad) for p in model.parameters()),
+        "optimizer": _state_bytes(opt),
+    }
+
+
+def count_engine_states(config_kwargs: dict = CHECK_MODEL) -> dict:
+    """On each rank of a process group, per engine and optimizer: one training step, then
+    the bytes of parameters, fp32 master, gradients and optimizer state the engine holds."""
+    config = LlamaConfig(**config_kwargs)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for optimizer in ("scale", "adamw"):
+        counts["zero2", optimizer] = _count_deepspeed(config, optimizer, 2, ids)
+        counts["zero3", optimizer] = _count_deepspeed(config, optimizer, 3, ids)
+        counts["fsdp2", optimizer] = _count_fsdp2(config, optimizer, ids)
+    return counts
+
+
+def model_counts(engine: str, optimizer: str, world: int, config_kwargs: dict = CHECK_MODEL) -> dict[str, int]:
     """What `count_engine_states` should find, from the shapes."""
-    s = model_states(model_params(LlamaConfig(**config_kwargs)), world, ZERO3)
+    s = model_states(model_params(LlamaConfig(**config_kwargs)), world, CHECKED_ENGINES[engine])
     return {"params": s.params, "master": s.master, "grads": s.grads, "optimizer": s.optimizer[optimizer]}
 
 
 def cross_check(world: int = 2) -> tuple[list[str], float]:
-    """Model vs engine for both optimizers; returns the markdown rows and the worst relative error."""
+    """Model vs engines for both optimizers; returns the markdown rows and the worst relative error."""
     from tests.distributed import run_distributed
 
     rows, worst = [], 0.0
     for rank, measured in enumerate(run_distributed(count_engine_states, world)):
-        for optimizer, counts in measured.items():
-            model = model_counts(optimizer, world)
+        for (engine, optimizer), counts in measured.items():
+            model = model_counts(engine, optimizer, world)
             for key, value in counts.items():
-                error = abs(value - model[key]) / model[key]
+                error = abs(value - model[key]) / model[key] if model[key] else float(value != 0)
                 worst = max(worst, error)
-                rows.append(f"| {optimizer} | {rank} | {key} | {model[key]:,} | {value:,} | {error:.3%} |")
+                rows.append(f"| {engine} | {optimizer} | {rank} | {key} | {model[key]:,} | {value:,} | {error:.3%} |")
     return rows, worst
 
 
@@ -211,9 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows, worst = cross_check()
     out += [
-        "## The model against a real ZeRO-3 engine (2 CPU ranks, bytes after one step)", "",
+        "## The model against real engines (2 CPU ranks, bytes held in a training step)", "",
+        "DeepSpeed ZeRO-2 and ZeRO-3 (configs/zero*_scale.json's dtypes) and FSDP2 (launch/train.py's "
+        "wrapping: bf16 compute, fp32 reduction), SCALE bound by `scale_zero.initialize` and torch AdamW.", "",
         f"Model: LlamaConfig({', '.join(f'{k}={v}' for k, v in CHECK_MODEL.items())}).", "",
-        "| optimizer | rank | what | model | engine | error |", "|---|---|---|---|---|---|", *rows, "",
+        "| engine | optimizer | rank | what | model | measured | error |", "|---|---|---|---|---|---|---|", *rows, "",
         f"Largest disagreement: {worst:.3%}.", "",
     ]
     if args.rss:

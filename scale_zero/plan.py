@@ -9,9 +9,9 @@ meta device) and each engine's partitioning rules:
             per rank (the tail of the last rank is padding): bf16 partition, fp32 master
             partition, gradient partition in the accumulation dtype, optimizer state over
             the fp32 partition. Parameters below the persistence threshold also stay whole.
-    ZeRO-1/2 each param group is one flat buffer padded to a multiple of 2 * world; a rank
+    ZeRO-0/1/2 each param group is one flat buffer padded to a multiple of 2 * world; a rank
             holds a 1/world slice of its fp32 master, optimizer state (and, ZeRO-2, grads);
-            the bf16 parameters stay whole on every rank.
+            the bf16 parameters stay whole on every rank (stage 0: everything is whole).
     FSDP2   every parameter is `Shard(0)`: ceil(rows / world) whole rows per rank, kept in
             fp32 (the sharded parameter is the master), fp32 gradients; bf16 copies are
             transient, per module.
@@ -32,10 +32,10 @@ import json
 import math
 import sys
 import warnings
-from unittest import mock
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
@@ -44,7 +44,7 @@ from scale_zero.param_groups import scale_param_groups
 
 GIB = 2**30
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-ENGINES = ("zero1", "zero2", "zero3", "fsdp2")
+ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
 OPTIMIZERS = ("scale", "adamw")
 # DeepSpeed 0.19.8's defaults, used when no DeepSpeed config is given.
 DS_DEFAULTS = dict(reduce_bucket_size=int(5e8), prefetch_bucket_size=int(5e7), param_persistence_threshold=int(1e5))
@@ -122,7 +122,7 @@ class EngineConfig:
             return DS_DEFAULTS[key] if value == "auto" else int(value)
 
         return cls(
-            engine=f"zero{max(stage, 1)}", precision=precision,
+            engine=f"zero{stage}", precision=precision,
             grad_accum_dtype=ds_config.get("data_types", {}).get("grad_accum_dtype"),
             reduce_bucket_size=size("reduce_bucket_size"),
             prefetch_bucket_size=size("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
@@ -168,7 +168,8 @@ def model_states(params: list[Param], world: int, engine: EngineConfig) -> Model
             params=e.param_bytes * (total + persistent), master=master, grads=e.grad_bytes * total,
             optimizer=_optimizer_bytes(sum(shard[p] for p in output), sum(shard[p] for p in vector), total),
         )
-    if e.engine in ("zero1", "zero2"):
+    if e.engine in ("zero0", "zero1", "zero2"):
+        world = 1 if e.engine == "zero0" else world  # stage 0: every rank holds everything
         # One flat group per SCALE role (the groups train.py builds), each padded separately.
         groups = {role: [p.numel for p in params if p.role == role] for role in ("embedding", "output", "matrix", "vector")}
         slices = {role: _partitioned(n, world, align=2) for role, n in groups.items() if n}
@@ -211,7 +212,7 @@ def engine_buffers(params: list[Param], config: LlamaConfig, engine: EngineConfi
     bucket = engine.param_bytes * engine.reduce_bucket_size
     if engine.engine == "zero3":
         return bucket + engine.param_bytes * (largest + engine.prefetch_bucket_size)
-    if engine.engine in ("zero1", "zero2"):
+    if engine.engine in ("zero0", "zero1", "zero2"):
         return bucket
     return 2 * 2 * largest + (2 + 4) * largest
 

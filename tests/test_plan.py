@@ -29,16 +29,17 @@ def test_parameter_counts_on_meta(size, millions):
     assert roles == {"embedding", "output", "matrix", "vector"}
 
 
-def test_states_match_real_zero3_engine():
-    """Per-rank bytes of bf16 partitions (+ persistent parameters), fp32 master, gradient
-    partitions and optimizer state, counted on a real DeepSpeed ZeRO-3 engine on 2 ranks."""
+def test_states_match_real_engines():
+    """Per-rank bytes of parameters, fp32 master, gradients and optimizer state counted on real
+    DeepSpeed ZeRO-2 and ZeRO-3 engines and FSDP2 on 2 ranks (benchmarks/memory_model.py)."""
     for rank, measured in enumerate(run_distributed(count_engine_states, 2)):
-        for optimizer, counts in measured.items():
-            expected = model_counts(optimizer, 2)
+        assert {engine for engine, _ in measured} == {"zero2", "zero3", "fsdp2"}
+        for (engine, optimizer), counts in measured.items():
+            expected = model_counts(engine, optimizer, 2)
             for key, value in counts.items():
-                assert value == pytest.approx(expected[key], rel=0.01), (rank, optimizer, key)
-        # SCALE's state (output momentum + 1-D AdamW moments) is a small part of AdamW's.
-        assert measured["scale"]["optimizer"] < 0.25 * measured["adamw"]["optimizer"]
+                assert value == pytest.approx(expected[key], rel=0.01), (rank, engine, optimizer, key)
+            # SCALE's state (output momentum + 1-D AdamW moments) is a small part of AdamW's.
+            assert measured[engine, "scale"]["optimizer"] < 0.25 * measured[engine, "adamw"]["optimizer"]
 
 
 def test_activations_match_real_step_peak():
