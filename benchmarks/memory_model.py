@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+# The engines run on CPU ranks (gloo), also on a machine with GPUs: set before deepspeed loads.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,7 +36,13 @@ import torch  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from scale_zero.plan import (  # noqa: E402
-    GIB, EngineConfig, activation_bytes, engine_buffers, load_config, model_params, model_states,
+    GIB,
+    EngineConfig,
+    activation_bytes,
+    engine_buffers,
+    load_config,
+    model_params,
+    model_states,
 )
 
 SIZES = ("60m", "130m", "350m", "1b", "7b")

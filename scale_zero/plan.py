@@ -75,7 +75,8 @@ def load_config(model: str | Path | LlamaConfig) -> LlamaConfig:
         path = MODELS_DIR / f"{str(model).lower()}.json"
     if not path.is_file():
         known = sorted(p.stem for p in MODELS_DIR.glob("*.json"))
-        raise FileNotFoundError(f"no model config {path}: give a size ({', '.join(known) or 'models/*.json'}) or a LlamaConfig JSON path")
+        sizes = ", ".join(known) or "models/*.json"
+        raise FileNotFoundError(f"no model config {path}: give a size ({sizes}) or a LlamaConfig JSON path")
     return LlamaConfig.from_json_file(str(path))
 
 
@@ -115,7 +116,8 @@ class EngineConfig:
             ds_config = json.loads(Path(ds_config).read_text())
         zero = ds_config.get("zero_optimization", {})
         stage = zero.get("stage", 0)
-        precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32"
+        enabled = [name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled")]
+        precision = enabled[0] if enabled else "fp32"
 
         def size(key: str, alias: str | None = None) -> int:
             value = zero.get(key, zero.get(alias, DS_DEFAULTS[key]))
@@ -218,7 +220,9 @@ def engine_buffers(params: list[Param], config: LlamaConfig, engine: EngineConfi
 
 
 @lru_cache(maxsize=64)
-def _activation_peak(config_json: str, micro_batch: int, seq_len: int, checkpointing: bool, dtype: torch.dtype, layers: int) -> int:
+def _activation_peak(
+    config_json: str, micro_batch: int, seq_len: int, checkpointing: bool, dtype: torch.dtype, layers: int
+) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
@@ -262,11 +266,10 @@ def activation_line(config: LlamaConfig, seq_len: int, checkpointing: bool, prec
     its input and one is recomputed at a time), so it is measured at 1 and 2 sequences on 1
     and 2 layers and extended: tracking every op of a 32-layer model would take minutes."""
     depth = config.num_hidden_layers
-    peak = {
-        b: activation_bytes(config, b, seq_len, checkpointing, precision, 1)
-        + (depth - 1) * (activation_bytes(config, b, seq_len, checkpointing, precision, 2) - activation_bytes(config, b, seq_len, checkpointing, precision, 1))
-        for b in (1, 2)
-    }
+    def at(batch: int, layers: int) -> int:
+        return activation_bytes(config, batch, seq_len, checkpointing, precision, layers)
+
+    peak = {b: at(b, 1) + (depth - 1) * (at(b, 2) - at(b, 1)) for b in (1, 2)}
     return peak[1] - (peak[2] - peak[1]), peak[2] - peak[1]
 
 
@@ -351,7 +354,9 @@ def check_fits(
     """Refuse up front a run that cannot fit: raises MemoryPlanError with the per-GPU numbers
     and what would fit (a smaller micro batch, dividing `global_batch_size` over the ranks
     when given; activation checkpointing; more ranks)."""
-    plan = estimate(model, world_size, micro_batch_size, seq_len, optimizer, engine, activation_checkpointing, gpu_memory_gib, reserve_gib)
+    plan = estimate(
+        model, world_size, micro_batch_size, seq_len, optimizer, engine, activation_checkpointing, gpu_memory_gib, reserve_gib
+    )
     if plan.fits:
         return plan
     parts = ", ".join(f"{name} {gib(b)}" for name, b in plan.parts.items())
@@ -396,11 +401,17 @@ def format_plan(model: str, world: int, micro_batch: int, seq_len: int, gpu_memo
         f"(per sequence {acts[False][1] / 2**20:.1f} / {acts[True][1] / 2**20:.1f} MiB)",
         "",
     ]
-    header = f"{'engine':7} {'optim':6} {'params':>8} {'master':>8} {'grads':>8} {'optim':>8} {'buffers':>8} {'total':>8} {'total+AC':>9} {'max mb':>7} {'max mb AC':>9}"
+    header = (
+        f"{'engine':7} {'optim':6} {'params':>8} {'master':>8} {'grads':>8} {'optim':>8} {'buffers':>8} "
+        f"{'total':>8} {'total+AC':>9} {'max mb':>7} {'max mb AC':>9}"
+    )
     lines += [header, "-" * len(header)]
     for engine in engines:
         for optimizer in OPTIMIZERS:
-            est = {ac: estimate(config, world, micro_batch, seq_len, optimizer, engine, ac, gpu_memory_gib, reserve_gib) for ac in (False, True)}
+            est = {
+                ac: estimate(config, world, micro_batch, seq_len, optimizer, engine, ac, gpu_memory_gib, reserve_gib)
+                for ac in (False, True)
+            }
             s = est[False].states
             fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
             lines.append(
@@ -434,13 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
                         help="ZeRO gradient partitions (configs/zero*_scale.json use fp32); FSDP2 keeps fp32")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept for the CUDA context, NCCL, fragmentation")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="with --gpu-memory: exit 1 if this run does not fit")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="with --gpu-memory: exit 1 if this run does not fit")
     args = parser.parse_args(argv)
     world = args.nodes * args.gpus_per_node
     if args.ds_config:
         engines = [EngineConfig.from_ds_config(args.ds_config)]
     else:
-        engines = [EngineConfig(engine=e, precision=args.precision, grad_accum_dtype=args.grad_accum_dtype) for e in (args.engine or ["zero2", "zero3", "fsdp2"])]
+        engines = [
+            EngineConfig(engine=e, precision=args.precision, grad_accum_dtype=args.grad_accum_dtype)
+            for e in (args.engine or ["zero2", "zero3", "fsdp2"])
+        ]
     try:
         print(format_plan(args.model, world, args.micro_batch_size, args.seq_len, args.gpu_memory, engines,
                           args.activation_checkpointing, args.reserve))
