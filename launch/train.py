@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `deepspeed launch/train.py` / `torchrun launch/
 import torch
 import torch.distributed as dist
 
-from scale_zero import data
+from scale_zero import data, plan
 from scale_zero.trainer import checkpoint as ckpt
 from scale_zero.trainer.config import ConfigError, TrainConfig, parse_args, resolve
 from scale_zero.trainer.engines import ENGINES, init_distributed
@@ -53,6 +53,19 @@ def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
     if path is not None:
         ckpt.check_compatible(path, cfg)
     return path
+
+
+def check_memory(cfg: TrainConfig) -> None:
+    """On GPUs, refuse up front a run whose model states and activations cannot fit."""
+    if not torch.cuda.is_available():
+        return
+    engine = plan.EngineConfig.from_ds_config(cfg.ds_config) if cfg.backend == "deepspeed" else "fsdp2"
+    # SGD with momentum on every role keeps one buffer per parameter: AdamW's bound covers it.
+    optimizer = "adamw" if cfg.optimizer in ("adamw", "sgd") else "scale"
+    plan.check_fits(cfg.model_config, cfg.world_size, cfg.micro_batch_size, cfg.seq_len,
+                    gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+                    optimizer=optimizer, engine=engine, activation_checkpointing=cfg.activation_checkpointing,
+                    global_batch_size=cfg.global_batch_size)
 
 
 def load_data(cfg: TrainConfig, rank: int) -> tuple[data.TokenStream, list[torch.Tensor]]:
@@ -100,7 +113,8 @@ def main(argv: list[str] | None = None, preset: dict | None = None) -> dict:
     try:
         cfg = resolve(args, world_size)
         resume_from = checkpoint_to_resume(cfg)
-    except ConfigError as e:
+        check_memory(cfg)
+    except (ConfigError, plan.MemoryPlanError) as e:
         fail(str(e), rank)
     torch.manual_seed(cfg.seed)
     device = init_distributed(cfg.backend)
