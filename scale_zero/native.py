@@ -1,0 +1,84 @@
+"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`), with its
+pure-torch equivalent as the fallback.
+
+The kernel is built on first use with torch's extension builder (about a second: it
+includes no torch headers; cached under ~/.cache/torch_extensions) and called through
+ctypes. `SCALE_ZERO_NATIVE=0` turns it off; without a C++ compiler the torch path is used
+and a warning says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("normalized_step.cpp")
+
+
+class _Job(ctypes.Structure):
+    """`ScaleJob` in normalized_step.cpp."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("momentum", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("lr", ctypes.c_float),
+        ("decay", ctypes.c_float),
+        ("weight", ctypes.c_float),
+    ]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SCALE_ZERO_NATIVE", "1") == "0":
+        return None
+    from torch.utils.cpp_extension import load
+
+    try:
+        path = load(
+            "scale_zero_normalized_step",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler, read-only cache, ...
+        warnings.warn(f"SCALE: the fused CPU kernel did not build ({error}); using the torch path.")
+        return None
+    lib = ctypes.CDLL(path)
+    lib.scale_normalized_steps.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
+    lib.scale_normalized_steps.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def fusable(*tensors: torch.Tensor | None) -> bool:
+    """The kernel takes contiguous fp32 CPU tensors."""
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors
+    )
+
+
+def normalized_steps_(blocks) -> None:
+    """For each `(param, grad, momentum or None, dim, lr, decay, beta)` with 2-D contiguous
+    fp32 CPU tensors whose `dim` is whole: the fused SCALE step (see the .cpp file)."""
+    if not blocks:
+        return
+    jobs = (_Job * len(blocks))()
+    for job, (param, grad, momentum, dim, lr, decay, beta) in zip(jobs, blocks):
+        rows, cols = param.shape
+        job.param, job.grad = param.data_ptr(), grad.data_ptr()
+        job.momentum = None if momentum is None else momentum.data_ptr()
+        job.rows, job.cols, job.dim = rows, cols, dim
+        job.lr, job.decay, job.weight = lr, decay, 1 - beta
+    _library().scale_normalized_steps(jobs, len(blocks), torch.get_num_threads())
