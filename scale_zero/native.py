@@ -70,15 +70,19 @@ def fusable(*tensors: torch.Tensor | None) -> bool:
 
 
 def normalized_steps_(blocks) -> None:
-    """For each `(param, grad, momentum or None, dim, lr, decay, beta)` with 2-D contiguous
-    fp32 CPU tensors whose `dim` is whole: the fused SCALE step (see the .cpp file)."""
+    """For each `(param, grad, momentum or None, offset, rows, cols, dim, lr, decay, beta)`:
+    the fused SCALE step (see the .cpp file) of the `(rows, cols)` block stored from
+    `offset` of the contiguous fp32 CPU flats, whose `dim` is whole (its RMS is local)."""
     if not blocks:
         return
     jobs = (_Job * len(blocks))()
-    for job, (param, grad, momentum, dim, lr, decay, beta) in zip(jobs, blocks):
-        rows, cols = param.shape
-        job.param, job.grad = param.data_ptr(), grad.data_ptr()
-        job.momentum = None if momentum is None else momentum.data_ptr()
+    for job, (param, grad, momentum, offset, rows, cols, dim, lr, decay, beta) in zip(jobs, blocks):
+        for t in (param, grad, momentum):
+            if t is not None and not offset + rows * cols <= t.numel():
+                raise ValueError(f"block of {rows}x{cols} at {offset} is outside a flat of {t.numel()}")
+        job.param = param.data_ptr() + 4 * offset
+        job.grad = grad.data_ptr() + 4 * offset
+        job.momentum = None if momentum is None else momentum.data_ptr() + 4 * offset
         job.rows, job.cols, job.dim = rows, cols, dim
         job.lr, job.decay, job.weight = lr, decay, 1 - beta
     _library().scale_normalized_steps(jobs, len(blocks), torch.get_num_threads())

@@ -174,7 +174,8 @@ class SCALE(Optimizer):
         exp_avg_sqs = [self._state(u, "exp_avg_sq") for u in units]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
-        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         denominators = torch._foreach_sqrt(exp_avg_sqs)  # eps before the bias correction
         torch._foreach_add_(denominators, group["eps"])
         torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)

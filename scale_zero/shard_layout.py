@@ -217,7 +217,7 @@ def normalized_steps_(steps: Sequence[NormalizedStep], stats: CommStats | None =
     fused = [s.fusable() for s in steps]
     native.normalized_steps_(
         [
-            (block.view(s.param), block.view(s.grad), None if s.momentum is None else block.view(s.momentum),
+            (s.param, s.grad, s.momentum, block.offset, block.r1 - block.r0, block.c1 - block.c0,
              s.dim, s.lr, 1 - s.lr * s.weight_decay, s.beta)
             for s, f in zip(steps, fused) if f
             for block in s.layout.blocks
