@@ -132,10 +132,12 @@ def report(results: list[dict], args) -> str:
     header = [
         "# Optimizer step: SCALE vs AdamW on LLaMA shapes (CPU, fp32)",
         "",
-        f"Command: `python benchmarks/optimizer_step.py --sizes {args.sizes} --repeats {args.repeats}`  ",
+        f"Command: `python benchmarks/optimizer_step.py --sizes {args.sizes} --repeats {args.repeats}"
+        + (f" --threads {args.threads}" if args.threads else "") + "`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {model}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"python {platform.python_version()}.  ",
+        f"python {platform.python_version()}. Load average (other processes on the machine) "
+        f"{args.load_before:.1f} before, {args.load_after:.1f} after.  ",
         f"Each method steps the same fp32 parameters and gradients {args.repeats} times, interleaved "
         f"round-robin after {args.warmup} warm-up steps; times are medians (min in brackets). lr "
         f"{args.lr}, weight decay {args.weight_decay} (the paper's recipe). Bytes: what one step must "
@@ -184,18 +186,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/optimizer_step.md"))
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in LLAMA_SIZES]
     if unknown:
         parser.error(f"unknown size(s) {unknown}; choose from {list(LLAMA_SIZES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.load_before = os.getloadavg()[0]
     if not native.available():
         print("warning: the fused SCALE kernel is unavailable; both SCALE rows use the torch path")
     results = []
     for size in sizes:
         print(f"LLaMA {size} ...", flush=True)
         results.append(bench_size(size, args.repeats, args.warmup, args.lr, args.weight_decay))
+    args.load_after = os.getloadavg()[0]
     text = report(results, args)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

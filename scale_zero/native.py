@@ -2,8 +2,9 @@
 pure-torch equivalent as the fallback.
 
 The kernel is built on first use with torch's extension builder (about a second: it
-includes no torch headers; cached under ~/.cache/torch_extensions) and called through
-ctypes. `SCALE_ZERO_NATIVE=0` turns it off; without a C++ compiler the torch path is used
+includes no torch headers; cached under ~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR) for the vector instructions torch itself uses on this CPU, and
+called through ctypes. `SCALE_ZERO_NATIVE=0` turns it off; without a C++ compiler the torch path is used
 and a warning says so once.
 """
 
@@ -18,6 +19,9 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("normalized_step.cpp")
+# Vector instructions for the CPU torch itself dispatches to. The build is named after
+# them, so hosts of different kinds sharing one cache directory never load each other's.
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
 class _Job(ctypes.Structure):
@@ -42,11 +46,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     from torch.utils.cpp_extension import load
 
+    isa = torch.backends.cpu.get_cpu_capability()
     try:
         path = load(
-            "scale_zero_normalized_step",
+            f"scale_zero_normalized_step_{isa.lower()}",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=["-O3", "-fopenmp-simd", *_ISA_FLAGS.get(isa, [])],
             is_python_module=False,
         )
     except Exception as error:  # no compiler, read-only cache, ...
