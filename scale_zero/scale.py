@@ -136,7 +136,9 @@ class SCALE(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.comm_stats = CommStats()
-        steps, units_stepped = [], []  # a NormalizedStep for every piece of every non-vector unit
+        # matrix, embedding, output: m = lerp(m, g, 1 - beta) where kept, then
+        # p = (1 - lr * wd) * p - lr * s / rms(s, dim), s = m or g: one NormalizedStep per piece.
+        steps, units_stepped = [], []
         for group in self.param_groups:
             role = group["role"]
             units = [u for p in group["params"] if (u := self._unit(p, role)) is not None]
