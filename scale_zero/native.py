@@ -82,9 +82,9 @@ def normalized_steps_(blocks) -> None:
         return
     jobs = (_Job * len(blocks))()
     for job, (param, grad, momentum, offset, rows, cols, dim, lr, decay, beta) in zip(jobs, blocks):
-        for t in (param, grad, momentum):
-            if t is not None and not offset + rows * cols <= t.numel():
-                raise ValueError(f"block of {rows}x{cols} at {offset} is outside a flat of {t.numel()}")
+        end = offset + rows * cols
+        if end > param.numel() or end > grad.numel() or (momentum is not None and end > momentum.numel()):
+            raise ValueError(f"a {rows}x{cols} block at {offset} is outside its flat tensors")
         job.param = param.data_ptr() + 4 * offset
         job.grad = grad.data_ptr() + 4 * offset
         job.momentum = None if momentum is None else momentum.data_ptr() + 4 * offset

@@ -48,6 +48,8 @@ class _Unit:
     write_back: torch.Tensor | None = None  # the low-precision parameter `param` was copied from
 
     def piece(self, flat: torch.Tensor, offset: int, layout: ShardLayout) -> torch.Tensor:
+        if offset == 0 and layout.numel == flat.numel():
+            return flat  # the whole tensor (no view to make)
         return flat[offset : offset + layout.numel]
 
 

@@ -18,6 +18,7 @@ including ranks that hold nothing of a parameter.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -69,6 +70,7 @@ class ShardLayout:
     split_groups: dict = field(default_factory=dict)
 
     @classmethod
+    @functools.cache  # layouts are immutable; a step asks for one per parameter
     def whole(cls, shape: tuple[int, int]) -> ShardLayout:
         rows, cols = shape
         return cls(shape, (Block(0, rows, 0, cols, 0),) if rows * cols else ())
@@ -103,7 +105,7 @@ class ShardLayout:
         block = Block(rows[0], rows[1], cols[0], cols[1], 0)
         return cls(shape, (block,) if block.numel else (), dict(split_groups))
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return sum(b.numel for b in self.blocks)
 
