@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from scale_zero.dtensor import dtensor_layout, local_tensor
-from scale_zero.shard_layout import CommStats, ShardLayout, batched_rms, matrix_shape, normalized_step_
+from scale_zero.shard_layout import CommStats, NormalizedStep, ShardLayout, matrix_shape, normalized_steps_
 
 ROLES = ("matrix", "embedding", "output", "vector")
 # The dim each role's RMS reduces over: matrix and output rows, embedding columns.
@@ -48,6 +48,8 @@ class _Unit:
     write_back: torch.Tensor | None = None  # the low-precision parameter `param` was copied from
 
     def piece(self, flat: torch.Tensor, offset: int, layout: ShardLayout) -> torch.Tensor:
+        if offset == 0 and layout.numel == flat.numel():
+            return flat  # the whole tensor (no view to make)
         return flat[offset : offset + layout.numel]
 
 
@@ -136,7 +138,9 @@ class SCALE(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.comm_stats = CommStats()
-        normalized = []  # (unit, direction source, dim, group) for every normalized piece
+        # matrix, embedding, output: m = lerp(m, g, 1 - beta) where kept, then
+        # p = (1 - lr * wd) * p - lr * s / rms(s, dim), s = m or g: one NormalizedStep per piece.
+        steps, units_stepped = [], []
         for group in self.param_groups:
             role = group["role"]
             units = [u for p in group["params"] if (u := self._unit(p, role)) is not None]
@@ -144,30 +148,18 @@ class SCALE(Optimizer):
                 self._adamw(group, units)
                 continue
             for unit in units:
-                source = unit.grad
-                if role in self.momentum_roles:
-                    source = self._state(unit, "momentum_buffer").lerp_(unit.grad, 1 - group["momentum"])
-                if group["weight_decay"]:
-                    unit.param.mul_(1 - group["lr"] * group["weight_decay"])
-                normalized.append((unit, source, self.norm_dims[role], group))
-
-        pieces = [
-            (unit, offset, layout, source, dim, group)
-            for unit, source, dim, group in normalized
-            for offset, layout in unit.pieces
-        ]
-        norm_pieces = [x for x in pieces if x[4] is not None]
-        rms = batched_rms(
-            [(layout, unit.piece(source, offset, layout), dim) for unit, offset, layout, source, dim, _ in norm_pieces],
-            self.comm_stats,
-        )
-        for (unit, offset, layout, source, dim, group), r in zip(norm_pieces, rms):
-            normalized_step_(layout, unit.piece(unit.param, offset, layout), unit.piece(source, offset, layout), r, dim, group["lr"])
-        for unit, offset, layout, source, dim, group in pieces:
-            if dim is None:  # ablation: plain (momentum) SGD
-                unit.piece(unit.param, offset, layout).add_(unit.piece(source, offset, layout), alpha=-group["lr"])
-
-        for unit, *_ in normalized:
+                momentum = self._state(unit, "momentum_buffer") if role in self.momentum_roles else None
+                steps += [
+                    NormalizedStep(
+                        layout, unit.piece(unit.param, offset, layout), unit.piece(unit.grad, offset, layout),
+                        None if momentum is None else unit.piece(momentum, offset, layout),
+                        self.norm_dims[role], group["lr"], group["weight_decay"], group["momentum"],
+                    )
+                    for offset, layout in unit.pieces
+                ]
+            units_stepped += units
+        normalized_steps_(steps, self.comm_stats)
+        for unit in units_stepped:
             self._write_back(unit)
         return loss
 
@@ -176,16 +168,22 @@ class SCALE(Optimizer):
             return
         beta1, beta2 = group["betas"]
         lr = group["adam_lr"] * group["lr"] / self.peak_lr
+        step_sizes = []  # lr * sqrt(1 - beta2^t) / (1 - beta1^t), per unit's own t
         for unit in units:
             state = self.state[unit.key]
-            state["step"] = state.get("step", 0) + 1
-            step = state["step"]
-            exp_avg, exp_avg_sq = self._state(unit, "exp_avg"), self._state(unit, "exp_avg_sq")
-            exp_avg.lerp_(unit.grad, 1 - beta1)
-            exp_avg_sq.lerp_(unit.grad * unit.grad, 1 - beta2)
-            step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-            unit.param.mul_(1 - lr * group["weight_decay"])
-            unit.param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-step_size)
+            state["step"] = step = state.get("step", 0) + 1
+            step_sizes.append(-lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step))
+        params, grads = [u.param for u in units], [u.grad for u in units]
+        exp_avgs = [self._state(u, "exp_avg") for u in units]
+        exp_avg_sqs = [self._state(u, "exp_avg_sq") for u in units]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        denominators = torch._foreach_sqrt(exp_avg_sqs)  # eps before the bias correction
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+        for unit in units:
             self._write_back(unit)
 
     @staticmethod
