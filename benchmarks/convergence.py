@@ -57,8 +57,9 @@ def adam_lr(method: str, lr: float) -> float | None:
 class Run:
     method: str
     lr: float
+    seed: int
     run_dir: Path
-    argv: list[str]
+    argv: list[str] = field(default_factory=list)
     cpu_s: float = math.nan
     wall_s: float = math.nan
     error: str | None = None
@@ -81,13 +82,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_argv(args, method: str, lr: float, run_dir: Path) -> list[str]:
+def trainer_argv(args, method: str, lr: float, seed: int, run_dir: Path) -> list[str]:
     argv = ["launch/train.py", "--backend", "fsdp", "--model", MODEL, "--data", "embedded",
             "--optimizer", method, "--lr", f"{lr:g}",
             "--steps", str(args.steps), "--global-batch-size", str(args.batch), "--micro-batch-size", str(args.batch),
             "--seq-len", str(args.seq_len), "--warmup-ratio", "0.1", "--min-lr-ratio", "0.1",
             "--eval-every", str(args.eval_every), "--eval-tokens", str(args.eval_tokens),
-            "--log-every", str(args.log_every), "--save-every", "0", "--resume", "none", "--seed", str(args.seed),
+            "--log-every", str(args.log_every), "--save-every", "0", "--resume", "none", "--seed", str(seed),
             "--run-dir", str(run_dir)]
     if adam_lr(method, lr) is not None:
         argv += ["--adam-lr", f"{adam_lr(method, lr):g}"]
@@ -179,9 +180,10 @@ def parameter_count() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_markdown(args, runs: list[Run], best: dict[str, Run], path: Path, started: datetime.datetime,
-                   command: str) -> None:
+def write_markdown(args, sweep: list[Run], repeats: list[Run], best: dict[str, Run], path: Path,
+                   started: datetime.datetime, command: str) -> None:
     tokens_per_step = args.batch * args.seq_len
+    runs = sweep + repeats
     cpu = [r.cpu_s for r in runs]
     lines = [
         "# Convergence at small scale: SCALE, AdamW, SGD, column-normalized SGD",
@@ -195,7 +197,8 @@ def write_markdown(args, runs: list[Run], best: dict[str, Run], path: Path, star
         f"- Data: the embedded Shakespeare corpus (`--data embedded`) and its 8k SentencePiece tokenizer; validation "
         f"on {args.eval_tokens} held-out tokens every {args.eval_every} steps.",
         f"- Budget, the same for every run: {args.steps} steps x {args.batch} sequences x {args.seq_len} tokens = "
-        f"{args.steps * tokens_per_step:,} training tokens; seed {args.seed}.",
+        f"{args.steps * tokens_per_step:,} training tokens. The sweep uses seed {args.seed} (initialization and "
+        f"data order); the best lr of each method is rerun with seeds {', '.join(map(str, args.repeat_seeds)) or 'none'}.",
         "- Schedule (the trainer's): linear warmup over the first 10% of the steps, cosine decay to 0.1x the peak; "
         "gradient clipping 1.0; no weight decay; bf16 compute; momentum 0.9 (AdamW: betas 0.9, 0.999).",
         f"- 1-D parameters (RMSNorm gains) in the SCALE family use AdamW at adam_lr = {ADAM_LR_RATIO:g} x lr (the "
@@ -209,7 +212,7 @@ def write_markdown(args, runs: list[Run], best: dict[str, Run], path: Path, star
         "| method | `--optimizer` | peak lr | adam_lr (1-D) | best val ppl | final val ppl |",
         "|---|---|---|---|---|---|",
     ]
-    for run in runs:
+    for run in sweep:
         bold = "**" if best.get(run.method) is run else ""
         a = adam_lr(run.method, run.lr)
         final = fmt_ppl(run.final_val_ppl) if run.error is None else f"failed ({run.error})"
@@ -218,9 +221,24 @@ def write_markdown(args, runs: list[Run], best: dict[str, Run], path: Path, star
     ranking = sorted(best.values(), key=lambda r: r.final_val_ppl if math.isfinite(r.final_val_ppl) else math.inf)
     lines += [
         "",
-        "Ranking by the best final validation perplexity: "
+        f"Ranking by the best final validation perplexity (seed {args.seed}): "
         + " < ".join(f"{LABELS[r.method]} ({fmt_ppl(r.final_val_ppl)})" for r in ranking) + ".",
         "",
+    ]
+    if repeats:
+        seeds = [args.seed, *args.repeat_seeds]
+        lines += [
+            "Seed spread at each method's best lr (final validation perplexity):",
+            "",
+            "| method | peak lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min-max |",
+            "|---|---|" + "---|" * len(seeds) + "---|---|",
+        ]
+        for method, run in best.items():
+            ppl = [r.final_val_ppl for r in [run, *(r for r in repeats if r.method == method)]]
+            lines.append(f"| {LABELS[method]} | {run.lr:g} | " + " | ".join(fmt_ppl(x) for x in ppl)
+                         + f" | {fmt_ppl(sum(ppl) / len(ppl))} | {fmt_ppl(min(ppl))}-{fmt_ppl(max(ppl))} |")
+        lines.append("")
+    lines += [
         "![validation and training loss](convergence.png)",
         "",
         "One trainer command of the sweep (the others change `--optimizer`, `--lr`, `--adam-lr`, `--run-dir`):",
@@ -245,7 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sweep")
+    p.add_argument("--repeat-seeds", default="1,2", help="seeds to rerun each method's best lr with ('' = none)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in SWEEP]
@@ -257,24 +276,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     args.methods = methods
+    try:
+        args.repeat_seeds = [int(s) for s in args.repeat_seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--repeat-seeds must be comma-separated integers, got {args.repeat_seeds!r}")
     return args
+
+
+def new_run(args, method: str, lr: float, seed: int) -> Run:
+    run_dir = args.run_root.resolve() / f"{method}-lr{lr:g}-seed{seed}"
+    return Run(method, lr, seed, run_dir, trainer_argv(args, method, lr, seed, run_dir))
+
+
+def train_all(runs: list[Run], what: str) -> None:
+    for i, run in enumerate(runs, 1):
+        train(run)
+        outcome = run.error or f"val ppl best {fmt_ppl(run.best_val_ppl)} final {fmt_ppl(run.final_val_ppl)}"
+        print(f"[{what} {i}/{len(runs)}] {run.method:<12} lr {run.lr:<6g} seed {run.seed}  {outcome}  "
+              f"({run.cpu_s:.0f} s CPU, {run.wall_s:.0f} s wall)", flush=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
     started = datetime.datetime.now(datetime.timezone.utc)
-    runs = [Run(m, lr, args.run_root.resolve() / f"{m}-lr{lr:g}", []) for m in args.methods for lr in SWEEP[m]]
-    for i, run in enumerate(runs, 1):
-        run.argv = trainer_argv(args, run.method, run.lr, run.run_dir)
-        train(run)
-        outcome = run.error or f"val ppl best {fmt_ppl(run.best_val_ppl)} final {fmt_ppl(run.final_val_ppl)}"
-        print(f"[{i}/{len(runs)}] {run.method:<12} lr {run.lr:<6g} {outcome}  ({run.cpu_s:.0f} s CPU, "
-              f"{run.wall_s:.0f} s wall)", flush=True)
-    best = best_per_method(runs)
+    sweep = [new_run(args, m, lr, args.seed) for m in args.methods for lr in SWEEP[m]]
+    train_all(sweep, "sweep")
+    best = best_per_method(sweep)
+    repeats = [new_run(args, m, run.lr, seed) for m, run in best.items() for seed in args.repeat_seeds]
+    train_all(repeats, "seeds")
     args.out.mkdir(parents=True, exist_ok=True)
     write_plot(best, args.batch * args.seq_len, args.out / "convergence.png")
-    write_markdown(args, runs, best, args.out / "convergence.md", started, command)
+    write_markdown(args, sweep, repeats, best, args.out / "convergence.md", started, command)
+    runs = sweep + repeats
     print((args.out / "convergence.md").read_text())
     if any(r.error for r in runs):
         sys.exit(1)
