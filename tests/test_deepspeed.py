@@ -314,10 +314,6 @@ def misc_run(root) -> dict:
 def reference(worlds: tuple[int, ...], clip: float):
     """Single-process SCALE on the same data: step t averages the micro-batches of
     `worlds[t]` ranks. Returns (params after each step, output momentum after each step)."""
-    from transformers import LlamaForCausalLM
-
-    from scale_zero import scale_param_groups
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only contend with the ranks
     try:

@@ -2,7 +2,6 @@
 single-process reference: uneven shards, empty shards, HSDP, mixed DTensor / plain
 parameters, and tensor-parallel Shard(1) placements."""
 
-import copy
 
 import pytest
 import torch

@@ -22,7 +22,6 @@ TINY_MODEL = {
     "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
 }
 ZERO3 = {"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0, "bf16": {"enabled": False}}
-ZERO0 = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0, "bf16": {"enabled": False}}
 SMALL_RUN = ["--global-batch-size", "8", "--micro-batch-size", "2", "--seq-len", "32", "--eval-tokens", "256",
              "--log-every", "1", "--eval-every", "3", "--lr", "1e-2"]
 
