@@ -130,9 +130,14 @@ class HuggingFaceTokenizer:
                             "so pick a tokenizer that defines one")
         self.tokenizer = tokenizer
         self.name = name
-        self.vocab_size = len(tokenizer)  # includes added tokens: the largest id + 1
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
+        # The largest id training data can hold, + 1: the base vocabulary, added tokens that
+        # text can produce, bos and eos. Special added tokens never come out of `encode`
+        # (T5's 100 <extra_id_*> make len(t5-base) 32100, yet its text fits a 32000 vocab).
+        special = set(tokenizer.all_special_ids)
+        text_ids = [i for i in tokenizer.get_added_vocab().values() if i not in special]
+        self.vocab_size = 1 + max(tokenizer.vocab_size - 1, *text_ids, self.eos_id, self.bos_id or 0)
 
     def encode(self, text: str) -> list[int]:
         # split_special_tokens: a literal "</s>" in a document is text, not a control token

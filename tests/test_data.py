@@ -144,6 +144,15 @@ def test_llama32k_and_model_file_and_transformers_folder(embedded_tokenizer, tmp
     assert from_folder.encode(text)[1:] == from_file.encode(text)[1:]
     assert from_folder.tokenizer.decode(from_folder.encode(text)) == text
 
+    # Special tokens added past the vocabulary (T5's <extra_id_*>) never appear in encoded
+    # text, so they don't count against the model's vocab_size; plain added tokens do.
+    hf = from_folder.tokenizer
+    hf.add_special_tokens({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]})
+    assert len(hf) == 8100 and data.HuggingFaceTokenizer(hf, "t5-like").vocab_size == 8000
+    assert max(from_folder.encode("<extra_id_0> Romeo")) < 8000
+    hf.add_tokens(["Montague-Capulet"])
+    assert data.HuggingFaceTokenizer(hf, "t5-like").vocab_size == 8101
+
 
 def test_vocab_must_fit_the_model():
     data.check_vocab_fits(WordIds(), 1000)
