@@ -481,20 +481,20 @@ def test_state_only_for_owned_ranges(name, world2):
         assert 0 < state["total"] <= 0.55 * single, (state, single)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_checkpoint_resume_is_bitwise(name, world2, world2_resumed):
-    straight = world2[0][name]
-    params, momentum = world2_resumed[0][name]["checkpoint"]
+def assert_resumed_bitwise(resumed, straight):
+    params, momentum = resumed
     assert all(torch.equal(params[n], straight["params6"][n]) for n in params)
     assert torch.equal(momentum, straight["momentum6"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_checkpoint_resume_is_bitwise(name, world2, world2_resumed):
+    assert_resumed_bitwise(world2_resumed[0][name]["checkpoint"], world2[0][name])
 
 
 @pytest.mark.parametrize("name", ZERO)
 def test_export_import_same_world_is_bitwise(name, world2, world2_resumed):
-    straight = world2[0][name]
-    params, momentum = world2_resumed[0][name]["import"]
-    assert all(torch.equal(params[n], straight["params6"][n]) for n in params)
-    assert torch.equal(momentum, straight["momentum6"])
+    assert_resumed_bitwise(world2_resumed[0][name]["import"], world2[0][name])
 
 
 @pytest.mark.parametrize("saved,target", RESHARD)
