@@ -4,14 +4,16 @@ ZeRO hands the client optimizer flat fp32 partitions, not parameters: one 1-D te
 param group (ZeRO-1/2, BF16_Optimizer) or per sub-group (ZeRO-3), holding this rank's
 ranges of several parameters. SCALE's row/column RMS needs to know which parameter, which
 range of its row-major flattening and which process group each piece of a flat is, so
-after DeepSpeed builds the engine we describe every flat in `SCALE.flat_pieces`. Every
+after DeepSpeed builds the engine we describe every flat with `SCALE.bind_flat`. Every
 parameter of a flat's group gets a piece on every rank, empty ones included, so all ranks
-issue the same collectives (see ../shared/spec/SCALE.md sections 2 and 3).
+issue the same collectives (docs/algorithm.md, "DeepSpeed layouts").
+
+This is the one module that reads DeepSpeed's internals: `scale_zero.resharding` gets the
+partitions and the low-precision refresh from here.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from scale_zero.scale import SCALE
-from scale_zero.shard_layout import CommStats, ShardLayout, matrix_shape
+from scale_zero.shard_layout import ShardLayout, matrix_shape
 
 # Exactly these classes: their subclasses (MiCS, ZenFlow, SuperOffload) lay out or step
 # their partitions differently and are refused.
@@ -154,33 +156,32 @@ def _unsupported(engine) -> list[str]:
     return [message for bad, message in checks if bad]
 
 
-def _wrap_engine_step(zero_opt, scale: SCALE) -> None:
-    """Make `scale.comm_stats` cover every client step of one engine step (ZeRO-3 calls
-    SCALE once per sub-group). ZeRO-1/2 link each parameter to its optimizer state once,
-    right after the FIRST group's step (and never again after load_checkpoint); SCALE
-    creates a group's state in that group's step, so relink after every engine step to
-    keep `deepspeed.utils.safe_get_full_optimizer_state` working."""
-    zero_step = zero_opt.step
-    relink = type(zero_opt) is not DeepSpeedZeroOptimizer_Stage3
+def _relink_optimizer_state_after_each_step(zero_opt, scale: SCALE) -> None:
+    """ZeRO-1/2 and BF16_Optimizer link each parameter to its optimizer state (for
+    `deepspeed.utils.safe_get_full_optimizer_state`) once, right after the FIRST client
+    step, and never again, not even after load_checkpoint replaces the state tensors.
+    SCALE creates a group's state in that group's own step, so the first link misses the
+    later groups. A hook is needed because only DeepSpeed knows when its step ends: after
+    every SCALE step we clear DeepSpeed's "linked" flag, and the relink DeepSpeed runs
+    right after each client step (with all param groups restored) links everything."""
+    if type(zero_opt) is DeepSpeedZeroOptimizer_Stage3:
+        return  # ZeRO-3 looks its state up at every access
 
-    @functools.wraps(zero_step)
-    def step(*args, **kwargs):
-        calls = []
-        hook = scale.register_step_post_hook(lambda opt, _args, _kwargs: calls.append(opt.comm_stats))
-        try:
-            result = zero_step(*args, **kwargs)
-        finally:
-            hook.remove()
-        total = CommStats()
-        for stats in calls:
-            total.add(stats)
-        scale.comm_stats = total
-        if relink:
-            zero_opt._hp_optimizer_states_linked = False
-            zero_opt._lazy_init_hp_params_optimizer_state()
-        return result
+    def clear_linked(_optimizer, _args, _kwargs):
+        zero_opt._hp_optimizer_states_linked = False
 
-    zero_opt.step = step
+    scale.register_step_post_hook(clear_linked)
+
+
+def refresh_low_precision_params(engine) -> None:
+    """Copy the fp32 masters into the model's (bf16 / fp32) parameters, as a step would."""
+    zero_opt = engine.optimizer
+    if type(zero_opt) is DeepSpeedZeroOptimizer_Stage3:
+        for i in range(len(zero_opt.fp16_groups)):
+            zero_opt._reassign_or_swap_out_partitioned_parameters(i)
+        zero_opt._post_step(set())  # re-gathers the persistent (never partitioned) parameters
+    else:
+        zero_opt.update_lp_params()
 
 
 def bind(engine) -> None:
@@ -190,11 +191,10 @@ def bind(engine) -> None:
     if problems:
         raise ValueError("SCALE cannot run with this DeepSpeed configuration:\n  - " + "\n  - ".join(problems))
     partitions = zero_partitions(engine)
-    scale.flat_pieces.clear()
     for part in partitions:
-        scale.flat_pieces[part.flat] = [(piece.offset, piece.layout(part.group)) for piece in part.pieces]
+        scale.bind_flat(part.flat, [(piece.offset, piece.layout(part.group)) for piece in part.pieces])
     if partitions:
-        _wrap_engine_step(engine.optimizer, scale)
+        _relink_optimizer_state_after_each_step(engine.optimizer, scale)
 
 
 def initialize(*args, **kwargs):

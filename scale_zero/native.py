@@ -1,5 +1,7 @@
-"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`), with its
-pure-torch equivalent as the fallback.
+"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`): one function,
+`normalized_step_`, whose blocks carry the fields of the C `struct Job` by name. Which
+pieces may take it (whole rows or columns, RMS local) is decided by `scale_zero.scale`,
+whose torch path computes the same thing.
 
 The kernel is built on first use with torch's extension builder (about a second: it
 includes no torch headers; cached under ~/.cache/torch_extensions, or
@@ -15,6 +17,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -25,7 +28,7 @@ _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-m
 
 
 class _Job(ctypes.Structure):
-    """`ScaleJob` in normalized_step.cpp."""
+    """`struct Job` in normalized_step.cpp, field for field."""
 
     _fields_ = [
         ("param", ctypes.c_void_p),
@@ -34,10 +37,28 @@ class _Job(ctypes.Structure):
         ("rows", ctypes.c_int64),
         ("cols", ctypes.c_int64),
         ("dim", ctypes.c_int64),
-        ("lr", ctypes.c_float),
-        ("decay", ctypes.c_float),
-        ("weight", ctypes.c_float),
+        ("lr", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("beta", ctypes.c_double),
     ]
+
+
+class KernelBlock(NamedTuple):
+    """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 CPU flats,
+    whose RMS over `dim` is complete on this rank. The other fields are `_Job`'s and mean
+    what the C side reads: `momentum` None for a role without momentum; `lr`,
+    `weight_decay` and `beta` the param group's values as they are."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    momentum: torch.Tensor | None
+    offset: int
+    rows: int
+    cols: int
+    dim: int
+    lr: float
+    weight_decay: float
+    beta: float
 
 
 @functools.cache
@@ -58,8 +79,8 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"SCALE: the fused CPU kernel did not build ({error}); using the torch path.")
         return None
     lib = ctypes.CDLL(path)
-    lib.scale_normalized_steps.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
-    lib.scale_normalized_steps.restype = None
+    lib.scale_normalized_step.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
+    lib.scale_normalized_step.restype = None
     return lib
 
 
@@ -67,27 +88,27 @@ def available() -> bool:
     return _library() is not None
 
 
-def fusable(*tensors: torch.Tensor | None) -> bool:
+def accepts(*tensors: torch.Tensor | None) -> bool:
     """The kernel takes contiguous fp32 CPU tensors."""
     return all(
         t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors
     )
 
 
-def normalized_steps_(blocks) -> None:
-    """For each `(param, grad, momentum or None, offset, rows, cols, dim, lr, decay, beta)`:
-    the fused SCALE step (see the .cpp file) of the `(rows, cols)` block stored from
-    `offset` of the contiguous fp32 CPU flats, whose `dim` is whole (its RMS is local)."""
+def normalized_step_(blocks: Sequence[KernelBlock]) -> None:
+    """The fused SCALE step (see the .cpp file) of every block, in one call."""
     if not blocks:
         return
     jobs = (_Job * len(blocks))()
-    for job, (param, grad, momentum, offset, rows, cols, dim, lr, decay, beta) in zip(jobs, blocks):
-        end = offset + rows * cols
-        if end > param.numel() or end > grad.numel() or (momentum is not None and end > momentum.numel()):
-            raise ValueError(f"a {rows}x{cols} block at {offset} is outside its flat tensors")
-        job.param = param.data_ptr() + 4 * offset
-        job.grad = grad.data_ptr() + 4 * offset
-        job.momentum = None if momentum is None else momentum.data_ptr() + 4 * offset
-        job.rows, job.cols, job.dim = rows, cols, dim
-        job.lr, job.decay, job.weight = lr, decay, 1 - beta
-    _library().scale_normalized_steps(jobs, len(blocks), torch.get_num_threads())
+    for job, block in zip(jobs, blocks):
+        end = block.offset + block.rows * block.cols
+        for t in (block.param, block.grad, block.momentum):
+            if t is not None and end > t.numel():
+                raise ValueError(f"a {block.rows}x{block.cols} block at {block.offset} is outside its flat tensors")
+        job.param, job.grad, job.momentum = (
+            None if t is None else t.data_ptr() + t.element_size() * block.offset
+            for t in (block.param, block.grad, block.momentum)
+        )
+        job.rows, job.cols, job.dim = block.rows, block.cols, block.dim
+        job.lr, job.weight_decay, job.beta = block.lr, block.weight_decay, block.beta
+    _library().scale_normalized_step(jobs, len(blocks), torch.get_num_threads())

@@ -1,5 +1,5 @@
 // SCALE's normalized step for pieces whose RMS is complete on this rank, fused so each
-// value crosses memory as few times as the math allows (spec section 1):
+// value crosses memory as few times as the math allows (docs/algorithm.md, "The update"):
 //
 //   m = lerp(m, g, 1 - beta)                  only for roles with momentum
 //   s = m, or g without momentum
@@ -31,21 +31,25 @@ constexpr int64_t kChunkElems = 1 << 16;  // work unit: about 256 KiB of one ten
 
 extern "C" {
 
-// Keep in sync with `_Job` in scale_zero/native.py.
-struct ScaleJob {
-  float* param;        // (rows, cols), row-major, contiguous
-  const float* grad;   // same shape
-  float* momentum;     // same shape, or nullptr when the role keeps no momentum
+// Keep in sync with `_Job` in scale_zero/native.py (same fields, same names).
+struct Job {
+  float* param;         // (rows, cols), row-major, contiguous
+  const float* grad;    // same shape
+  float* momentum;      // same shape, or nullptr when the role keeps no momentum
   int64_t rows, cols;
-  int64_t dim;         // 1: RMS over each row; 0: RMS over each column
-  float lr;
-  float decay;         // 1 - lr * weight_decay
-  float weight;        // 1 - beta, the momentum lerp weight
+  int64_t dim;          // 1: RMS over each row; 0: RMS over each column
+  double lr;            // the param group's values, as they are
+  double weight_decay;
+  double beta;          // momentum coefficient
 };
 
 }  // extern "C"
 
 namespace {
+
+// Rounded to fp32 from double, as torch rounds the Python scalars of the torch path.
+inline float decay(const Job& j) { return float(1.0 - j.lr * j.weight_decay); }  // decoupled decay
+inline float lerp_weight(const Job& j) { return float(1.0 - j.beta); }
 
 // torch.lerp's formula, so the momentum matches `m.lerp_(g, w)`.
 inline float lerp(float m, float g, float w) {
@@ -53,18 +57,19 @@ inline float lerp(float m, float g, float w) {
 }
 
 // Advances the momentum of one row (if kept) and returns the row's direction source.
-inline const float* source_row(const ScaleJob& j, int64_t r) {
+inline const float* source_row(const Job& j, int64_t r) {
   const float* g = j.grad + r * j.cols;
   if (!j.momentum) return g;
   float* m = j.momentum + r * j.cols;
-  const float w = j.weight;
+  const float w = lerp_weight(j);
 #pragma omp simd
   for (int64_t c = 0; c < j.cols; ++c) m[c] = lerp(m[c], g[c], w);
   return m;
 }
 
 // dim 1, rows [r0, r1): sum, RMS and update per row while the row is in cache.
-void step_rows(const ScaleJob& j, int64_t r0, int64_t r1) {
+void step_rows(const Job& j, int64_t r0, int64_t r1) {
+  const float d = decay(j), lr = float(j.lr);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = source_row(j, r);
     double sumsq = 0.0;
@@ -73,12 +78,12 @@ void step_rows(const ScaleJob& j, int64_t r0, int64_t r1) {
     const float rms = std::max(float(std::sqrt(sumsq / j.cols)), kRmsFloor);
     float* p = j.param + r * j.cols;
 #pragma omp simd
-    for (int64_t c = 0; c < j.cols; ++c) p[c] = j.decay * p[c] - j.lr * (s[c] / rms);
+    for (int64_t c = 0; c < j.cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms);
   }
 }
 
 // dim 0, first pass over rows [r0, r1): momentum, and the chunk's column sums of squares.
-void sum_columns(const ScaleJob& j, int64_t r0, int64_t r1, double* sumsq) {
+void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq) {
   std::fill(sumsq, sumsq + j.cols, 0.0);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = source_row(j, r);
@@ -88,13 +93,14 @@ void sum_columns(const ScaleJob& j, int64_t r0, int64_t r1, double* sumsq) {
 }
 
 // dim 0, second pass over rows [r0, r1), with the per-column RMS.
-void step_columns(const ScaleJob& j, int64_t r0, int64_t r1, const float* rms) {
+void step_columns(const Job& j, int64_t r0, int64_t r1, const float* rms) {
   const float* source = j.momentum ? j.momentum : j.grad;
+  const float d = decay(j), lr = float(j.lr);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = source + r * j.cols;
     float* p = j.param + r * j.cols;
 #pragma omp simd
-    for (int64_t c = 0; c < j.cols; ++c) p[c] = j.decay * p[c] - j.lr * (s[c] / rms[c]);
+    for (int64_t c = 0; c < j.cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms[c]);
   }
 }
 
@@ -118,11 +124,11 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int threads, const Work& 
 
 }  // namespace
 
-extern "C" void scale_normalized_steps(const ScaleJob* jobs, int64_t n_jobs, int threads) {
+extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threads) {
   std::vector<Chunk> first, second;  // first pass: rows and column sums; second: columns
   std::vector<std::vector<double>> column_sums(n_jobs);
   for (int64_t k = 0; k < n_jobs; ++k) {
-    const ScaleJob& j = jobs[k];
+    const Job& j = jobs[k];
     const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, j.cols));
     const int64_t n_chunks = (j.rows + rows_per_chunk - 1) / rows_per_chunk;
     if (j.dim == 0) column_sums[k].resize(n_chunks * j.cols);
@@ -134,7 +140,7 @@ extern "C" void scale_normalized_steps(const ScaleJob* jobs, int64_t n_jobs, int
     }
   }
   parallel_chunks(first, threads, [&](const Chunk& ch) {
-    const ScaleJob& j = jobs[ch.job];
+    const Job& j = jobs[ch.job];
     if (j.dim == 1) step_rows(j, ch.r0, ch.r1);
     else sum_columns(j, ch.r0, ch.r1, ch.sumsq);
   });
@@ -142,7 +148,7 @@ extern "C" void scale_normalized_steps(const ScaleJob* jobs, int64_t n_jobs, int
 
   std::vector<std::vector<float>> rms(n_jobs);
   for (int64_t k = 0; k < n_jobs; ++k) {
-    const ScaleJob& j = jobs[k];
+    const Job& j = jobs[k];
     if (j.dim != 0) continue;
     rms[k].resize(j.cols);
     const std::vector<double>& sums = column_sums[k];

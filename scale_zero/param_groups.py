@@ -1,4 +1,5 @@
-"""Param groups for SCALE, one per role, decided by module type (spec section 1)."""
+"""Param groups for SCALE, one per role, decided by module type (docs/algorithm.md, "The
+update"), and the real shape of a parameter, which an engine may hide."""
 
 from __future__ import annotations
 
@@ -7,9 +8,27 @@ import logging
 import torch
 from torch import nn
 
-from scale_zero.scale import param_shape
+from scale_zero.shard_layout import matrix_shape
 
 logger = logging.getLogger(__name__)
+
+
+def param_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's real shape, also under `deepspeed.zero.Init` (where p.ndim == 1)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def normalized_shape(p: torch.Tensor, role: str) -> tuple[int, int]:
+    """The `(rows, cols)` matrix a parameter of a normalized role is seen as. A 1-D tensor
+    here is an engine's flat partition nobody described to SCALE: refused, naming the fix."""
+    shape = param_shape(p)
+    if len(shape) < 2:
+        raise RuntimeError(
+            f"SCALE got a 1-D tensor of {p.numel()} elements in its {role!r} group: a flat "
+            "partition it was not bound to (SCALE.bind_flat). For DeepSpeed ZeRO, create the "
+            "engine with scale_zero.initialize(...) instead of deepspeed.initialize(...)."
+        )
+    return matrix_shape(shape)
 
 
 def _module_weight(module: nn.Module | None) -> torch.Tensor | None:

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-from scale_zero.deepspeed_zero import FlatPartition, zero_partitions
+from scale_zero.deepspeed_zero import FlatPartition, refresh_low_precision_params, zero_partitions
 
 FORMAT = "scale_zero.resharding/1"
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
@@ -122,17 +121,6 @@ def _load_pieces(path: Path, meta: dict) -> dict[str, list[dict]]:
     return by_name
 
 
-def _refresh_low_precision_weights(engine) -> None:
-    """Copy the fp32 masters into the model's (bf16 / fp32) parameters, as a step would."""
-    zero_opt = engine.optimizer
-    if type(zero_opt) is DeepSpeedZeroOptimizer_Stage3:
-        for i in range(len(zero_opt.fp16_groups)):
-            zero_opt._reassign_or_swap_out_partitioned_parameters(i)
-        zero_opt._post_step(set())  # re-gathers the persistent (never partitioned) parameters
-    else:
-        zero_opt.update_lp_params()
-
-
 def import_state(engine, path: str | os.PathLike) -> dict | None:
     """Load an `export_state` directory into a freshly initialized engine, whatever its world
     size (all ranks call it). Returns the exported `client_state`."""
@@ -185,5 +173,5 @@ def import_state(engine, path: str | os.PathLike) -> dict | None:
         setattr(engine, name, value)
     if meta["lr_scheduler"] is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    _refresh_low_precision_weights(engine)
+    refresh_low_precision_params(engine)
     return meta["client_state"]

@@ -13,7 +13,8 @@ A reduction over `dim` needs a collective only when the partition cuts that dim;
 layout names the process group for each such dim. `batched_rms` adds every piece's
 partial sums of squares into fixed slots of ONE fp32 buffer per process group and issues
 ONE `all_reduce(SUM)` per buffer, in the same order with the same sizes on every rank,
-including ranks that hold nothing of a parameter.
+including ranks that hold nothing of a parameter (docs/algorithm.md, "Partial sums").
+This module is geometry and that one reduction; the update itself is in `scale_zero.scale`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-
-from scale_zero import native
 
 RMS_FLOOR = 1e-8  # a floor, not an added epsilon: a zero row gives a zero update
 
@@ -169,72 +168,3 @@ def batched_rms(
         rms.append(sumsq.div_(layout.shape[dim]).sqrt_().clamp_min_(RMS_FLOOR))
     return rms
 
-
-def normalized_step_(
-    layout: ShardLayout, param: torch.Tensor, direction: torch.Tensor, rms: torch.Tensor, dim: int, lr: float
-) -> None:
-    """param -= lr * direction / rms, on the local flats, broadcasting rms along `dim`."""
-    for block in layout.blocks:
-        lo, hi = block.span(dim)
-        scale = rms[lo:hi].unsqueeze(dim)
-        block.view(param).addcdiv_(block.view(direction), scale, value=-lr)
-
-
-@dataclass
-class NormalizedStep:
-    """SCALE's step for what one rank holds of one parameter (local flats):
-
-        m = lerp(m, g, 1 - beta)                          when the role keeps `momentum`
-        p = (1 - lr * wd) * p - lr * s / rms(s, dim)      s = m, or g without momentum
-
-    `dim` None (an ablation) skips the normalization: p = (1 - lr * wd) * p - lr * s."""
-
-    layout: ShardLayout
-    param: torch.Tensor
-    grad: torch.Tensor
-    momentum: torch.Tensor | None
-    dim: int | None
-    lr: float
-    weight_decay: float
-    beta: float
-
-    @property
-    def source(self) -> torch.Tensor:
-        return self.grad if self.momentum is None else self.momentum
-
-    def fusable(self) -> bool:
-        """Its RMS is complete here (the partition does not cut `dim`, every block spans it),
-        so the fused kernel can do the whole step in one pass over each row."""
-        if self.dim is None or self.dim in self.layout.split_groups:
-            return False
-        full = self.layout.shape[self.dim]
-        whole = all(b.span(1 - self.dim)[1] - b.span(1 - self.dim)[0] == full for b in self.layout.blocks)
-        return whole and native.fusable(self.param, self.grad, self.momentum) and native.available()
-
-
-def normalized_steps_(steps: Sequence[NormalizedStep], stats: CommStats | None = None) -> None:
-    """Applies every step. Pieces whose RMS is local go through the fused CPU kernel when it
-    is available; the others take the torch path: momentum and decay, `batched_rms` (ONE
-    all_reduce per process group), `normalized_step_`."""
-    fused = [s.fusable() for s in steps]
-    native.normalized_steps_(
-        [
-            (s.param, s.grad, s.momentum, block.offset, block.r1 - block.r0, block.c1 - block.c0,
-             s.dim, s.lr, 1 - s.lr * s.weight_decay, s.beta)
-            for s, f in zip(steps, fused) if f
-            for block in s.layout.blocks
-        ]
-    )
-    steps = [s for s, f in zip(steps, fused) if not f]
-    for s in steps:
-        if s.momentum is not None:
-            s.momentum.lerp_(s.grad, 1 - s.beta)
-        if s.weight_decay:
-            s.param.mul_(1 - s.lr * s.weight_decay)
-    normalized = [s for s in steps if s.dim is not None]
-    rms = batched_rms([(s.layout, s.source, s.dim) for s in normalized], stats)
-    for s, r in zip(normalized, rms):
-        normalized_step_(s.layout, s.param, s.source, r, s.dim, s.lr)
-    for s in steps:
-        if s.dim is None:  # ablation: plain (momentum) SGD
-            s.param.add_(s.source, alpha=-s.lr)

@@ -1,7 +1,9 @@
 """SCALE on FSDP2 (`fully_shard`) DTensor parameters across real gloo ranks, against the
 single-process reference: uneven shards, empty shards, HSDP, mixed DTensor / plain
-parameters, and tensor-parallel Shard(1) placements."""
+parameters, tensor-parallel Shard(1) placements, and the fused CPU kernel on local rows
+next to the collective columns."""
 
+import shutil
 
 import pytest
 import torch
@@ -11,10 +13,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch import nn
 
-from scale_zero import SCALE, scale_param_groups
-from tests.distributed import run_distributed
-from tests.models import batches, narrow_net, tiny_llama
-from tests.reference import ReferenceSCALE
+from scale_zero import SCALE, native, scale_param_groups
+from tests.support.distributed import run_distributed
+from tests.support.models import batches, narrow_net, tiny_llama
+from tests.support.reference import ReferenceSCALE
 
 STEPS, BATCH = 5, 12
 OPT = dict(lr=1e-2, adam_lr=5e-3, weight_decay=0.1)
@@ -138,3 +140,41 @@ def test_tensor_parallel_shard1_reduces_rows_over_the_group():
         for got, want in zip(params, ref_params):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6)
         assert collectives == 1  # matrix rows + embedding columns + output rows, one buffer
+
+
+def _fsdp2_steps():
+    """FSDP2 on this rank: matrix/output rows are local (the fused kernel), embedding columns
+    need the collective (the torch path): both in one step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(37, 16), torch.nn.Linear(16, 3, bias=False), torch.nn.Linear(3, 37))
+    roles = {"0.weight": "embedding", "1.weight": "matrix", "2.weight": "output", "2.bias": "vector"}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)  # 3 rows over 2 ranks: uneven
+    named = dict(model.named_parameters())
+    opt = SCALE([{"params": [named[n]], "role": r} for n, r in roles.items()], lr=1e-2, weight_decay=0.1)
+    for t in range(3):
+        gen = torch.Generator().manual_seed(t)
+        for n, p in named.items():
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), mesh, p.placements)
+        opt.step()
+    return {n: p.full_tensor() for n, p in named.items()}, opt.comm_stats.collectives, native.available()
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch path is the only path")
+def test_fsdp2_fused_rows_match_reference():
+    per_rank = run_distributed(_fsdp2_steps, 2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(37, 16), torch.nn.Linear(16, 3, bias=False), torch.nn.Linear(3, 37))
+    named = dict(model.named_parameters())
+    roles = {"0.weight": "embedding", "1.weight": "matrix", "2.weight": "output", "2.bias": "vector"}
+    ref = ReferenceSCALE([(named[n], r) for n, r in roles.items()], lr=1e-2, weight_decay=0.1)
+    for t in range(3):
+        gen = torch.Generator().manual_seed(t)
+        for p in named.values():
+            p.grad = torch.randn(p.shape, generator=gen)
+        ref.step()
+    for params, collectives, fused in per_rank:
+        assert fused and collectives == 1  # the kernel ran; only the embedding's columns reduce
+        for n, p in named.items():
+            torch.testing.assert_close(params[n], p.detach(), rtol=0, atol=1e-6, msg=n)

@@ -1,6 +1,7 @@
 """The fused CPU kernel (scale_zero/normalized_step.cpp) against the torch path and the
-spec reference: odd shapes, every role, zero rows and columns, bf16, ablations, a
-world-size-1 ZeRO-style flat unit, and determinism."""
+reference: odd shapes, every role, zero rows and columns, bf16, ablations, a
+world-size-1 ZeRO-style flat unit, and determinism. Under FSDP2 (fused rows and
+collective columns in one step): tests/distributed/test_fsdp.py."""
 
 import shutil
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from scale_zero import SCALE, ShardLayout, native
-from tests.reference import ReferenceSCALE
+from tests.support.reference import ReferenceSCALE
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch path is the only path")
 
@@ -117,9 +118,7 @@ def test_flat_unit_of_several_parameters(monkeypatch):
                 m.setattr(native, "available", lambda: False)
             opt = SCALE([{"params": [flat_param], "role": "output"}], lr=1e-2, weight_decay=0.1)
             offsets = [sum(numels[:i]) for i in range(len(shapes))]
-            opt.flat_pieces[flat_param] = [
-                (o, ShardLayout.flat_range(s, 0, n)) for o, s, n in zip(offsets, shapes, numels)
-            ]
+            opt.bind_flat(flat_param, [(o, ShardLayout.flat_range(s, 0, n)) for o, s, n in zip(offsets, shapes, numels)])
             for _ in range(3):
                 flat_param.grad = torch.randn(flat_param.shape, generator=gen)
                 opt.step()
@@ -132,45 +131,3 @@ def test_fused_step_is_deterministic(monkeypatch):
     run_scale(a, True, monkeypatch, lr=1e-2)
     run_scale(b, True, monkeypatch, lr=1e-2)
     assert torch.equal(flat(a), flat(b))
-
-
-def _fsdp2_steps():
-    """FSDP2 on this rank: matrix/output rows are local (the fused kernel), embedding columns
-    need the collective (the torch path): both in one step."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(37, 16), torch.nn.Linear(16, 3, bias=False), torch.nn.Linear(3, 37))
-    roles = {"0.weight": "embedding", "1.weight": "matrix", "2.weight": "output", "2.bias": "vector"}
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    for layer in model:
-        fully_shard(layer, mesh=mesh)  # 3 rows over 2 ranks: uneven
-    named = dict(model.named_parameters())
-    opt = SCALE([{"params": [named[n]], "role": r} for n, r in roles.items()], lr=1e-2, weight_decay=0.1)
-    for t in range(3):
-        gen = torch.Generator().manual_seed(t)
-        for n, p in named.items():
-            p.grad = torch.distributed.tensor.distribute_tensor(torch.randn(p.shape, generator=gen), mesh, p.placements)
-        opt.step()
-    return {n: p.full_tensor() for n, p in named.items()}, opt.comm_stats.collectives, native.available()
-
-
-def test_fsdp2_fused_rows_match_reference():
-    from tests.distributed import run_distributed
-
-    per_rank = run_distributed(_fsdp2_steps, 2)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(37, 16), torch.nn.Linear(16, 3, bias=False), torch.nn.Linear(3, 37))
-    named = dict(model.named_parameters())
-    roles = {"0.weight": "embedding", "1.weight": "matrix", "2.weight": "output", "2.bias": "vector"}
-    ref = ReferenceSCALE([(named[n], r) for n, r in roles.items()], lr=1e-2, weight_decay=0.1)
-    for t in range(3):
-        gen = torch.Generator().manual_seed(t)
-        for p in named.values():
-            p.grad = torch.randn(p.shape, generator=gen)
-        ref.step()
-    for params, collectives, fused in per_rank:
-        assert fused and collectives == 1  # the kernel ran; only the embedding's columns reduce
-        for n, p in named.items():
-            torch.testing.assert_close(params[n], p.detach(), rtol=0, atol=1e-6, msg=n)

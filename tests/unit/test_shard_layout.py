@@ -1,4 +1,5 @@
-"""The layout math against brute force, and batched_rms across real gloo ranks."""
+"""The layout math against brute force, the normalized update on ranges, and batched_rms
+across real gloo ranks."""
 
 import random
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from scale_zero.shard_layout import CommStats, ShardLayout, batched_rms, normalized_step_
-from tests.distributed import run_distributed
+from scale_zero.scale import normalized_update_
+from scale_zero.shard_layout import CommStats, ShardLayout, batched_rms
+from tests.support.distributed import run_distributed
 
 
 def covered(layout: ShardLayout) -> torch.Tensor:
@@ -71,7 +73,7 @@ def test_partial_sums_over_ranks_equal_the_full_rms(seed):
             torch.testing.assert_close(total.div(full.shape[dim]).sqrt().clamp_min(1e-8), expected)
 
 
-def test_normalized_step_on_ranges_equals_the_full_update():
+def test_normalized_update_on_ranges_equals_the_full_update():
     rows, cols = 5, 7
     full_p, full_g = torch.randn(rows, cols), torch.randn(rows, cols)
     for dim in (0, 1):
@@ -80,7 +82,7 @@ def test_normalized_step_on_ranges_equals_the_full_update():
         result = full_p.clone().flatten()
         for start, end in zero3_ranges(rows * cols, 4):
             layout = ShardLayout.flat_range((rows, cols), start, end)
-            normalized_step_(layout, result[start:end], full_g.flatten()[start:end], rms, dim, 0.1)
+            normalized_update_(layout, result[start:end], full_g.flatten()[start:end], rms, dim, 0.1, 0.0)
         torch.testing.assert_close(result.view(rows, cols), expected)
 
 

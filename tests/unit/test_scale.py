@@ -1,5 +1,6 @@
-"""SCALE on one process: the exact update of spec section 1, against hand-computed answers
-and against the independent per-tensor reference in tests/reference.py."""
+"""SCALE on one process: the exact update of docs/algorithm.md ("The update"), against
+hand-computed answers and against the independent per-tensor reference in
+tests/support/reference.py."""
 
 import copy
 import io
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from scale_zero import SCALE, scale_param_groups
-from tests.models import batches, narrow_net, tiny_llama
-from tests.reference import ReferenceSCALE
+from tests.support.models import batches, narrow_net, tiny_llama
+from tests.support.reference import ReferenceSCALE
 
 
 def role_pairs(groups, model, twin):

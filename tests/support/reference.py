@@ -1,4 +1,4 @@
-"""An independent, plain per-tensor SCALE written straight from the spec (section 1).
+"""An independent, plain per-tensor SCALE written straight from docs/algorithm.md ("The update").
 
 Deliberately naive: a loop over tensors, no batching, no layouts, no collectives. Tests
 compare every engine and world size against it."""

@@ -28,10 +28,10 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported, here and in the ranks
 
-from tests.distributed import run_distributed  # noqa: E402
-from tests.reference import ReferenceSCALE  # noqa: E402
+from tests.support.distributed import run_distributed  # noqa: E402
+from tests.support.reference import ReferenceSCALE  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LR, ADAM_LR, MOMENTUM = 1e-2, 3e-3, 0.9
 ACCUMULATION, STEPS, SAVE_AT, COMPARE_AT = 2, 6, 3, 5
 VOCAB, SEQ = 97, 17
