@@ -1,4 +1,4 @@
-"""Throughput, MFU, memory, and the TensorBoard / console logs (rank 0 writes)."""
+"""Throughput, MFU, memory, validation, and the TensorBoard / console logs (rank 0 writes)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
+
+from scale_zero_train.config import TrainConfig
 
 # Dense bf16 peak TFLOP/s per device, by a substring of the CUDA device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -102,3 +104,66 @@ class Logger:
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+class MetricsLogger:
+    """Every `log_every` steps and at the invocation's last step: the interval's training loss
+    (mean over steps and ranks), lr, gradient norm, throughput, MFU, peak memory (max over
+    ranks) and the engine's optimizer scalars, to TensorBoard and one console line."""
+
+    def __init__(self, cfg: TrainConfig, engine, device: torch.device, log: Logger):
+        self.engine, self.device, self.log = engine, device, log
+        self.every, self.world_size = cfg.logs.log_every, cfg.world_size
+        self.last_step = cfg.run.stop_after or cfg.schedule.steps
+        self.tokens_per_step = cfg.tokens_per_step
+        self.flops_per_step = flops_per_token(cfg.model_config, cfg.schedule.seq_len) * cfg.tokens_per_step
+        self.peak_flops = (cfg.logs.peak_tflops or peak_tflops(device)) * 1e12 * cfg.world_size
+        self.begin(0)
+
+    def begin(self, step: int) -> None:
+        """Training starts (or resumes) at `step`: the first interval and the ETA count from here."""
+        self.losses, self.interval_start = [], time.perf_counter()
+        self.log.begin(step)
+
+    def maybe_log(self, step: int, loss: float, grad_norm: float, lr: float, step_time: float) -> None:
+        self.losses.append(loss)
+        if step % self.every and step != self.last_step:
+            return
+        elapsed, steps = time.perf_counter() - self.interval_start, len(self.losses)
+        (loss_sum,) = all_reduce([sum(self.losses) / steps])
+        (peak_mem,) = all_reduce([peak_memory_bytes(self.device)], op=dist.ReduceOp.MAX)
+        train_loss = loss_sum / self.world_size
+        values = {
+            "train/loss": train_loss, "train/ppl": perplexity(train_loss), "train/lr": lr, "train/grad_norm": grad_norm,
+            "perf/step_time_s": step_time, "perf/tokens_per_s": self.tokens_per_step * steps / elapsed,
+            "perf/mfu": self.flops_per_step * steps / elapsed / self.peak_flops, "memory/peak_bytes": peak_mem,
+            **self.engine.optimizer_metrics(),
+        }
+        self.log.scalars(step, values)
+        self.log.progress(step, values)
+        self.losses, self.interval_start = [], time.perf_counter()
+
+
+class Validator:
+    """The held-out loss (mean over ranks): of the untrained model, every `eval_every` steps
+    and at the last step of the schedule (--steps)."""
+
+    def __init__(self, cfg: TrainConfig, engine, batches: list[torch.Tensor], log: Logger):
+        self.engine, self.batches, self.log = engine, batches, log
+        self.every, self.steps = cfg.logs.eval_every, cfg.schedule.steps
+        self.first_loss = self.loss = None
+
+    def validate_initial(self, step: int) -> None:
+        if step == 0:  # a fresh run, not a resumed one
+            self.validate(step)
+            self.first_loss = self.loss
+
+    def maybe_validate(self, step: int) -> None:
+        if (self.every and step % self.every == 0) or step == self.steps:
+            self.validate(step)
+
+    def validate(self, step: int) -> None:
+        (loss_sum,) = all_reduce([self.engine.eval_loss(self.batches)])
+        self.loss = loss_sum / dist.get_world_size()
+        self.log.scalars(step, {"val/loss": self.loss, "val/ppl": perplexity(self.loss)})
+        self.log.print(f"step {step:>6}  validation loss {self.loss:.4f}  perplexity {perplexity(self.loss):.2f}")
