@@ -1,6 +1,6 @@
 """Run launch/train.py the way users do: under the real `deepspeed` or `torchrun` launcher,
 2 CPU ranks (gloo), a free port, and a tiny LLaMA; or in-process as one rank (`refused`).
-Shared by the trainer's tests and benchmarks/activation_checkpointing.py."""
+Shared by the trainer's tests."""
 
 from __future__ import annotations
 
