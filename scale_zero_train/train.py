@@ -134,3 +134,8 @@ def main(argv: list[str] | None = None, preset: dict | None = None) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return summary
+
+
+def cli() -> None:
+    """The console script `scale-zero-train` and `python -m scale_zero_train` (exit status 0, not the summary)."""
+    main()
