@@ -87,13 +87,13 @@ class Logger:
         if self.enabled:
             print(*args, flush=True)
 
-    def progress(self, step: int, values: dict[str, float]) -> None:
+    def progress(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float,
+                 peak_bytes: float) -> None:
         done = step - self.start_step
         eta = (time.perf_counter() - self.start) / done * (self.total_steps - step)
         self.print(
-            f"step {step:>6}/{self.total_steps}  loss {values['train/loss']:.4f}  lr {values['train/lr']:.3e}  "
-            f"grad_norm {values['train/grad_norm']:.3f}  tokens/s {_human(values['perf/tokens_per_s'])}  "
-            f"mfu {values['perf/mfu']:.2%}  mem {_human(values['memory/peak_bytes'])}B  "
+            f"step {step:>6}/{self.total_steps}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
+            f"tokens/s {_human(tokens_per_s)}  mfu {mfu:.2%}  mem {_human(peak_bytes)}B  "
             f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )
 
@@ -133,14 +133,14 @@ class MetricsLogger:
         (loss_sum,) = all_reduce([sum(self.losses) / steps])
         (peak_mem,) = all_reduce([peak_memory_bytes(self.device)], op=dist.ReduceOp.MAX)
         train_loss = loss_sum / self.world_size
-        values = {
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        mfu = self.flops_per_step * steps / elapsed / self.peak_flops
+        self.log.scalars(step, {
             "train/loss": train_loss, "train/ppl": perplexity(train_loss), "train/lr": lr, "train/grad_norm": grad_norm,
-            "perf/step_time_s": step_time, "perf/tokens_per_s": self.tokens_per_step * steps / elapsed,
-            "perf/mfu": self.flops_per_step * steps / elapsed / self.peak_flops, "memory/peak_bytes": peak_mem,
-            **self.engine.optimizer_metrics(),
-        }
-        self.log.scalars(step, values)
-        self.log.progress(step, values)
+            "perf/step_time_s": step_time, "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu,
+            "memory/peak_bytes": peak_mem, **self.engine.optimizer_metrics(),
+        })
+        self.log.progress(step, train_loss, lr, grad_norm, tokens_per_s, mfu, peak_mem)
         self.losses, self.interval_start = [], time.perf_counter()
 
 

@@ -1,5 +1,5 @@
-"""The model configs (parameter counts of the spec's table, on the meta device), the
-schedule, and the derived batch arithmetic."""
+"""The model configs (parameter counts of the paper's table, docs/algorithm.md "The paper's
+setup", on the meta device), the schedule, and the derived batch arithmetic."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from scale_zero_train.config import ConfigError, load_config, parse_args
 from scale_zero_train.optim import build_optimizer, lr_lambda
 from scale_zero_train.vocab import load_model_config
 
-# Spec section 5: hidden, ffn, heads, layers, max positions, parameters.
+# docs/algorithm.md, "The paper's setup": hidden, ffn, heads, layers, max positions, parameters.
 TABLE = {
     "60m": (512, 1376, 8, 8, 1024, 58.1e6),
     "130m": (768, 2048, 12, 12, 1024, 134.1e6),
