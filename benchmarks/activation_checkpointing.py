@@ -1,9 +1,9 @@
 """Peak memory of training steps with and without activation checkpointing, under DeepSpeed
-ZeRO-3 and FSDP2: launch/train.py under the real launchers on 2 ranks, the peak read back
-from its TensorBoard log (memory/peak_bytes: max over ranks of the CUDA peak allocation, or
-on CPU of the process's peak resident set).
+ZeRO-3 and FSDP2: the trainer (`torchrun --standalone -m scale_zero_train`) on 2 CPU ranks,
+the peak read back from its TensorBoard log (memory/peak_bytes: max over ranks of the CUDA
+peak allocation, or on CPU of the process's peak resident set).
 
-    PYTHONPATH=. python benchmarks/activation_checkpointing.py [--ranks 2] [--seq-len 512] ...
+    python benchmarks/activation_checkpointing.py [--ranks 2] [--seq-len 512] ...
 
 The shape is chosen so that activations dominate: the tiny model (4 layers, hidden 256) on
 long sequences. The numbers are in docs/training.md."""
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from tests.train_launch import train
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0, "bf16": {"enabled": False}}
 
@@ -30,7 +31,7 @@ def peak_bytes(run_dir: Path) -> float:
 
 def measure(backend: str, checkpointing: bool, args: argparse.Namespace, tmp: Path) -> float:
     run_dir = tmp / f"{backend}-{'ac' if checkpointing else 'plain'}"
-    argv = ["--model", "tiny", "--optimizer", "adamw", "--no-bf16", "--seq-len", str(args.seq_len),
+    argv = ["--backend", backend, "--model", "tiny", "--optimizer", "adamw", "--no-bf16", "--seq-len", str(args.seq_len),
             "--micro-batch-size", str(args.micro_batch_size),
             "--global-batch-size", str(args.micro_batch_size * args.ranks), "--steps", str(args.steps),
             "--eval-every", "0", "--eval-tokens", str(args.seq_len * args.ranks), "--log-every", "1",
@@ -39,7 +40,12 @@ def measure(backend: str, checkpointing: bool, args: argparse.Namespace, tmp: Pa
         config = tmp / "zero3.json"
         config.write_text(json.dumps(ZERO3))
         argv += ["--config", str(config)]
-    result = train(backend, argv, tmp, ranks=args.ranks, timeout=1200)
+    # torchrun starts both backends (the DeepSpeed engine joins torchrun's process group);
+    # --standalone picks a free port.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
+           "-m", "scale_zero_train", *argv]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
     if result.returncode:
         raise SystemExit(result.stdout[-4000:])
     return peak_bytes(run_dir)

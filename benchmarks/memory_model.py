@@ -5,7 +5,7 @@
     python benchmarks/memory_model.py --rss 350m --out docs/results/memory.md
 
 1. Per-rank bytes of parameters, gradients and optimizer state under ZeRO-3 for every model
-   size and 1, 8, 64 ranks, from the exact shapes (`scale_zero.plan.model_states`, the
+   size and 1, 8, 64 ranks, from the exact shapes (`scale_zero_train.plan.model_states`, the
    dtypes of configs/zero3_scale.json: bf16 parameters, fp32 master, fp32 gradient
    accumulation).
 2. The same numbers counted on real engines, 2 CPU ranks, a small LLaMA with odd sizes so
@@ -26,26 +26,23 @@ import platform
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 
 # The engines run on CPU ranks (gloo), also on a machine with GPUs: set before deepspeed loads.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from scale_zero.plan import (  # noqa: E402
-    GIB,
-    EngineConfig,
-    activation_bytes,
-    engine_buffers,
-    load_config,
-    model_params,
-    model_states,
-)
+from scale_zero_train.plan import GIB, EngineConfig, activation_bytes, engine_buffers, model_params, model_states  # noqa: E402
+from scale_zero_train.presets import SIZES as PAPER_SIZES  # noqa: E402
+from scale_zero_train.vocab import load_model_config  # noqa: E402
 
-SIZES = ("60m", "130m", "350m", "1b", "7b")
+SIZES = tuple(PAPER_SIZES)
 RANKS = (1, 8, 64)
 # configs/zero3_scale.json: bf16 parameters, fp32 gradient accumulation, default persistence.
 ZERO3 = EngineConfig(engine="zero3", precision="bf16", grad_accum_dtype="fp32")
@@ -72,7 +69,7 @@ def state_table() -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in SIZES:
-        params = model_params(load_config(size))
+        params = model_params(load_model_config(size))
         n = sum(p.numel for p in params)
         for world in RANKS:
             s = model_states(params, world, ZERO3)
@@ -123,10 +120,13 @@ def _train_step(engine, ids: torch.Tensor) -> float:
     return loss.item()
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    from scale_zero.dtensor import local_tensor
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, gradient or state."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
-    return _nbytes(local_tensor(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _nbytes(_local(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def _count_deepspeed(config: LlamaConfig, optimizer: str, stage: int, ids: torch.Tensor) -> dict[str, int]:
@@ -152,13 +152,12 @@ def _count_deepspeed(config: LlamaConfig, optimizer: str, stage: int, ids: torch
 
 
 def _count_fsdp2(config: LlamaConfig, optimizer: str, ids: torch.Tensor) -> dict[str, int]:
-    """FSDP2 as launch/train.py wraps it: each decoder layer, then the model; bf16 compute,
+    """FSDP2 as the trainer (scale_zero_train.engines) wraps it: each decoder layer, then the model; bf16 compute,
     fp32 reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import LlamaForCausalLM
 
     from scale_zero import SCALE, scale_param_groups
-    from scale_zero.dtensor import local_tensor
 
     model = LlamaForCausalLM(config)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -170,9 +169,9 @@ def _count_fsdp2(config: LlamaConfig, optimizer: str, ids: torch.Tensor) -> dict
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     return {
-        "params": _nbytes(local_tensor(p) for p in model.parameters()),
+        "params": _nbytes(_local(p) for p in model.parameters()),
         "master": 0,
-        "grads": _nbytes(local_tensor(p.grad) for p in model.parameters()),
+        "grads": _nbytes(_local(p.grad) for p in model.parameters()),
         "optimizer": _state_bytes(opt),
     }
 
@@ -196,12 +195,27 @@ def model_counts(engine: str, optimizer: str, world: int, config_kwargs: dict = 
     return {"params": s.params, "master": s.master, "grads": s.grads, "optimizer": s.optimizer[optimizer]}
 
 
+def _on_rank(fn, *args):
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    dist.init_process_group("gloo")
+    try:
+        return fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn, world: int, *args) -> list:
+    """fn(*args) on `world` local CPU ranks (gloo), started by torch's elastic launcher; the per-rank results."""
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    results = elastic_launch(config, _on_rank)(fn, *args)
+    return [results[rank] for rank in range(world)]
+
+
 def cross_check(world: int = 2) -> tuple[list[str], float]:
     """Model vs engines for both optimizers; returns the markdown rows and the worst relative error."""
-    from tests.distributed import run_distributed
-
     rows, worst = [], 0.0
-    for rank, measured in enumerate(run_distributed(count_engine_states, world)):
+    for rank, measured in enumerate(run_on_ranks(count_engine_states, world)):
         for (engine, optimizer), counts in measured.items():
             model = model_counts(engine, optimizer, world)
             for key, value in counts.items():
@@ -213,7 +227,7 @@ def cross_check(world: int = 2) -> tuple[list[str], float]:
 
 def _rss_worker(size: str, optimizer: str, steps: int, micro_batch: int, seq_len: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    config = load_config(size)
+    config = load_model_config(size)
     engine = _engine(config, optimizer, micro_batch)
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     g = torch.Generator().manual_seed(torch.distributed.get_rank())
@@ -228,9 +242,7 @@ def _rss_worker(size: str, optimizer: str, steps: int, micro_batch: int, seq_len
 
 
 def rss_rows(size: str, steps: int, micro_batch: int, seq_len: int, world: int = 2) -> list[str]:
-    from tests.distributed import run_distributed
-
-    config = load_config(size)
+    config = load_model_config(size)
     params = model_params(config)
     states = model_states(params, world, ZERO3)
     activations = activation_bytes(config, micro_batch, seq_len, checkpointing=False)
@@ -238,7 +250,7 @@ def rss_rows(size: str, steps: int, micro_batch: int, seq_len: int, world: int =
     rows = []
     for optimizer in ("scale", "adamw"):
         planned = states.params + states.master + states.grads + states.optimizer[optimizer] + activations
-        for rank, r in enumerate(run_distributed(_rss_worker, world, size, optimizer, steps, micro_batch, seq_len)):
+        for rank, r in enumerate(run_on_ranks(_rss_worker, world, size, optimizer, steps, micro_batch, seq_len)):
             rows.append(
                 f"| {size} | {optimizer} | {rank} | {_gib(r['peak'])} | {_gib(r['built'] - r['before'])} | "
                 f"{_gib(r['peak'] - r['before'])} | {_gib(planned)} | {_gib(planned + buffers)} | "
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, worst = cross_check()
     out += [
         "## The model against real engines (2 CPU ranks, bytes held in a training step)", "",
-        "DeepSpeed ZeRO-2 and ZeRO-3 (configs/zero*_scale.json's dtypes) and FSDP2 (launch/train.py's "
+        "DeepSpeed ZeRO-2 and ZeRO-3 (configs/zero*_scale.json's dtypes) and FSDP2 (the trainer's "
         "wrapping: bf16 compute, fp32 reduction), SCALE bound by `scale_zero.initialize` and torch AdamW.", "",
         f"Model: LlamaConfig({', '.join(f'{k}={v}' for k, v in CHECK_MODEL.items())}).", "",
         "| engine | optimizer | rank | what | model | measured | error |", "|---|---|---|---|---|---|---|", *rows, "",

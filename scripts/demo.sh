@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded demo: a small LLaMA (models/tiny.json, 7.4M parameters) pretrained with SCALE
+# The embedded demo: a small LLaMA (scale_zero_train/models/tiny.json, 7.4M parameters) pretrained with SCALE
 # under DeepSpeed ZeRO-3 on 2 CPU processes, on the embedded Shakespeare corpus with its own
 # 8k BPE tokenizer; no network, no GPU. It prints the validation perplexity as it falls,
 # writes TensorBoard logs and checkpoints under runs/demo-<time>/, and ends with a summary.
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 run_dir=${RUN_DIR:-runs/demo-$(date -u +%Y%m%d-%H%M%S)}
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 start=$(date +%s)
 "$venv/bin/deepspeed" --num_gpus 2 --master_port "$port" launch/train.py \

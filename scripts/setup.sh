@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install scale-zero with its pinned versions. Idempotent: a second run
+# Create .venv and install scale-zero (the packages scale_zero and scale_zero_train, editable)
+# with its pinned versions. Idempotent: a second run
 # only checks. Usage: scripts/setup.sh [extra], e.g. scripts/setup.sh test
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real two-node Slurm cluster on this one machine, from Debian's packages: one slurmctld
 # and two slurmd daemons (nodes n1, n2), each node its own daemon with its own port and
-# spool (see ../shared/notes/slurm-on-one-machine.md). Needs root. Idempotent.
+# spool. Needs root. Idempotent.
 #
 #   scripts/slurm_cluster.sh          # install if needed, configure, start, wait for idle nodes
 #   scripts/slurm_cluster.sh stop     # scontrol shutdown + stop munged

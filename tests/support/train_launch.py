@@ -1,5 +1,6 @@
 """Run launch/train.py the way users do: under the real `deepspeed` or `torchrun` launcher,
-2 CPU ranks (gloo), a free port, and a tiny LLaMA. Shared by the trainer's tests."""
+2 CPU ranks (gloo), a free port, and a tiny LLaMA; or in-process as one rank (`refused`).
+Shared by the trainer's tests."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.distributed import free_port
+from scale_zero_train.train import main
+from tests.support.distributed import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # A LLaMA small enough for 2 CPU ranks; its vocabulary fits the embedded tokenizer.
 TINY_MODEL = {
@@ -77,6 +80,16 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert len(ta) > 10
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not different, f"tensors differ between {a} and {b}: {different[:10]}"
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run main in-process; it must exit 2 and print exactly one error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err
+    return err
 
 
 def run_ok(backend, args, tmp, **kw) -> subprocess.CompletedProcess:

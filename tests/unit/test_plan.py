@@ -11,8 +11,9 @@ import pytest
 from transformers import LlamaConfig
 
 from benchmarks.memory_model import count_engine_states, model_counts
-from scale_zero import plan
-from tests.distributed import run_distributed
+from scale_zero_train import plan
+from scale_zero_train.vocab import load_model_config
+from tests.support.distributed import run_distributed
 
 # Small enough for 2 shared cores, large enough (about 80 MiB of activations) that the
 # process's resident memory measures it to well under 5%.
@@ -23,7 +24,7 @@ ACT_BATCH, ACT_SEQ = 32, 256
 
 @pytest.mark.parametrize("size, millions", [("1b", 1339), ("7b", 6738)])
 def test_parameter_counts_on_meta(size, millions):
-    params = plan.model_params(plan.load_config(size))
+    params = plan.model_params(load_model_config(size))
     assert round(sum(p.numel for p in params) / 1e6) == millions
     roles = {p.role for p in params}
     assert roles == {"embedding", "output", "matrix", "vector"}
@@ -54,7 +55,7 @@ def test_activations_match_real_step_peak():
         from transformers import LlamaConfig, LlamaForCausalLM
         torch.set_num_threads(1)
         config = LlamaConfig(**{ACT_MODEL!r})
-        config._attn_implementation, config.use_cache = "sdpa", False  # as launch/train.py
+        config._attn_implementation, config.use_cache = "sdpa", False  # as the trainer
         torch.set_default_dtype(torch.bfloat16)
         model = LlamaForCausalLM(config)
         for p in model.parameters():  # as under ZeRO: each gradient leaves when it is ready

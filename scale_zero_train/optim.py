@@ -10,8 +10,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from scale_zero import SCALE, scale_param_groups
+from scale_zero_train.metrics import all_reduce
 
-# SCALE and its ablations (spec section 5): how each role is normalized and which keep momentum.
+# SCALE and its ablations (docs/algorithm.md, "The paper's setup"): how each role is
+# normalized and which keep momentum.
 SCALE_VARIANTS = {
     "scale": dict(),
     "colnorm-sgd": dict(momentum_roles=()),
@@ -32,9 +34,9 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adam_lr: float, mome
 
 def lr_lambda(steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
     """Linear warmup from 0 over the first `warmup_ratio` of the steps, then cosine decay to
-    `min_lr_ratio` of the peak at the last step (spec section 5). `step` counts optimizer
-    steps taken: step `warmup - 1` is the peak, step `steps - 1` the floor, and the first
-    step already has a non-zero lr."""
+    `min_lr_ratio` of the peak at the last step (docs/algorithm.md, "The paper's setup").
+    `step` counts optimizer steps taken: step `warmup - 1` is the peak, step `steps - 1` the
+    floor, and the first step already has a non-zero lr."""
     warmup = math.ceil(warmup_ratio * steps)
 
     def factor(step: int) -> float:
@@ -67,3 +69,14 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 local = value.to_local() if hasattr(value, "to_local") else value
                 total += local.numel() * local.element_size()
     return total
+
+
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The optimizer's scalars; a collective (every rank calls it at the same step): the state
+    bytes summed over the ranks and, for SCALE, what its last step issued on this rank."""
+    (total_state,) = all_reduce([state_bytes(optimizer)])
+    values = {"memory/optimizer_state_bytes": total_state}
+    if isinstance(optimizer, SCALE):
+        comm = optimizer.comm_stats
+        values.update({"comm/scale_collectives": comm.collectives, "comm/scale_bytes": comm.bytes})
+    return values

@@ -1,4 +1,4 @@
-"""scale_zero.data: corpus, tokenizers, rank shards, exact resume, held-out validation, bad input.
+"""scale_zero_train.data: corpus, tokenizers, rank shards, exact resume, held-out validation, bad input.
 
 Most tests use a "word id" tokenizer over documents made of their own id ("7 7 7"), so every
 token in a batch says which document it came from; the embedded tests use the real corpus
@@ -14,8 +14,8 @@ import datasets
 import pytest
 import torch
 
-from scale_zero import data
-from scale_zero.data import DataError, TokenStream, load_tokenizer, validation_batches
+from scale_zero_train import data
+from scale_zero_train.data import DataError, TokenStream, load_tokenizer, validation_batches
 
 EOS = 0
 

@@ -21,11 +21,13 @@ import random
 import shutil
 import signal
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from scale_zero.trainer.config import ConfigError, TrainConfig
+from scale_zero_train.config import TrainConfig
+from scale_zero_train.errors import ConfigError
 
 META = "meta.json"
 LATEST = "latest"
@@ -66,8 +68,8 @@ def read_meta(path: Path) -> dict:
 def run_meta(cfg: TrainConfig) -> dict:
     """What a checkpoint must match to be resumed by this run."""
     model_config = json.loads(cfg.model_config.to_json_string(use_diff=False))  # as meta.json reads back
-    return dict(model_config=model_config, world_size=cfg.world_size, backend=cfg.backend,
-                optimizer=cfg.optimizer, zero_stage=cfg.zero_stage)
+    return dict(model_config=model_config, world_size=cfg.world_size, backend=cfg.run.backend,
+                optimizer=cfg.optim.optimizer, zero_stage=cfg.zero_stage)
 
 
 def check_compatible(path: Path, cfg: TrainConfig) -> dict:
@@ -80,7 +82,7 @@ def check_compatible(path: Path, cfg: TrainConfig) -> dict:
                       and k not in ("transformers_version", "dtype", "torch_dtype"))
         if diff:
             details = ", ".join(f"{k}: {saved['model_config'].get(k)} vs {ours['model_config'].get(k)}" for k in diff[:5])
-            raise ConfigError(f"checkpoint {path} is from a different model ({details}, checkpoint vs --model {cfg.model}); {fix}")
+            raise ConfigError(f"checkpoint {path} is from a different model ({details}, checkpoint vs --model {cfg.model.model}); {fix}")
     if saved["world_size"] != ours["world_size"]:
         raise ConfigError(f"checkpoint {path} was saved by {saved['world_size']} ranks and this run has "
                           f"{ours['world_size']}; its sharded optimizer state needs the same number of ranks: {fix}")
@@ -160,3 +162,54 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from, checked against this run's model and ranks."""
+    root = checkpoint_root(cfg.run_dir)
+    resume = cfg.run.resume
+    if resume == "none":
+        if complete_checkpoints(root):
+            raise ConfigError(f"{root} already holds checkpoints and --resume is none; use --resume auto to "
+                              "continue that run, or another --run-dir / --job-name to start a new one")
+        return None
+    if resume != "auto" and not Path(resume).is_dir():
+        raise ConfigError(f"--resume {resume}: no such checkpoint directory; use auto, none or an existing checkpoint path")
+    path = find_latest(root) if resume == "auto" else Path(resume)
+    if path is not None:
+        check_compatible(path, cfg)
+    return path
+
+
+def load_trainer_state(path: Path, rank: int) -> dict:
+    """This rank's step, data position and RNG states saved with checkpoint `path`."""
+    return torch.load(rank_state_path(path, rank), weights_only=False)
+
+
+class Checkpointer:
+    """Saves every `save_every` steps and at the invocation's last step (--stop-after or
+    --steps): the engine's state, and per rank the step, the data position and the RNG."""
+
+    def __init__(self, cfg: TrainConfig, engine, data_state: Callable[[], dict], rank: int, log: Callable[[str], None],
+                 resumed_from: Path | None):
+        self.cfg, self.engine, self.data_state, self.rank, self.log = cfg, engine, data_state, rank, log
+        self.root = checkpoint_root(cfg.run_dir)
+        self.last_step = cfg.run.stop_after or cfg.schedule.steps
+        self.latest = resumed_from
+
+    def resume(self, path: Path, trainer_state: dict) -> int:
+        """Restore the engine and the RNG from checkpoint `path`; the step to continue from."""
+        self.engine.load(path)
+        set_rng_state(trainer_state["rng"])
+        self.log(f"resumed from {path} at step {trainer_state['step']}")
+        return trainer_state["step"]
+
+    def maybe_save(self, step: int) -> None:
+        every = self.cfg.run.save_every
+        if (every and step % every == 0) or step == self.last_step:
+            folder = begin_save(self.root, step)
+            self.engine.save(folder, client_state={"step": step})
+            torch.save({"step": step, "data": self.data_state(), "rng": rng_state()}, rank_state_path(folder, self.rank))
+            meta = {**run_meta(self.cfg), "config": self.cfg.summary()}
+            self.latest = commit_save(self.root, folder, step, meta, self.cfg.run.keep)
+            self.log(f"saved checkpoint {self.latest}")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.presets import preset
-from scale_zero.trainer.config import parse_args, resolve
-from tests.distributed import free_port
+from scale_zero_train.config import load_config, parse_args
+from scale_zero_train.presets import preset
+from tests.support.distributed import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 # Hidden 32, 2 layers; the vocabulary fits the embedded corpus's tokenizer.
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
@@ -38,9 +38,9 @@ def test_presets_are_the_paper_recipe_and_overridable(size, lr, steps):
 
 @pytest.mark.parametrize("world", [1, 8, 64])
 def test_global_batch_is_constant_across_rank_counts(world):
-    cfg = resolve(parse_args(["--config", "configs/zero3_scale.json", "--micro-batch-size", "8"], preset("7b")), world)
-    assert cfg.global_batch_size == 512
-    assert cfg.micro_batch_size * world * cfg.grad_accum == 512
+    cfg = load_config(parse_args(["--config", "configs/zero3_scale.json", "--micro-batch-size", "8"], preset("7b")), world)
+    assert cfg.schedule.global_batch_size == 512
+    assert cfg.schedule.micro_batch_size * world * cfg.grad_accum == 512
 
 
 def _launch(launcher_args: list[str], script: str, run_dir: Path, model: Path, cache: Path) -> subprocess.Popen:

@@ -9,10 +9,9 @@ import pytest
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.train_launch import (
-    TINY_MODEL, ZERO3, assert_same_checkpoint, run_ok, straight_run, train, write_json,
+from tests.support.train_launch import (
+    TINY_MODEL, ZERO3, assert_same_checkpoint, refused, run_ok, straight_run, train, write_json,
 )
-from tests.test_train_inputs import refused
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""The two ways to shard a LLaMA model over data-parallel ranks, behind one small interface.
+"""The two ways to shard a LLaMA model over data-parallel ranks, behind one interface
+(`Engine`, which both implement the same way):
 
-    engine = DeepSpeedEngine(cfg, device) | FSDPEngine(cfg, device)
-    loss, grad_norm = engine.train_step(micro_batches)   # one optimizer step
-    engine.eval_loss(batches); engine.lr
-    engine.save(folder); engine.load(folder)               # model + optimizer + scheduler
+    engine = build_engine(cfg, device)                     # DeepSpeedEngine or FSDPEngine
+    loss, grad_norm = engine.train_step(micro_batches)     # one optimizer step
+    engine.eval_loss(batches); engine.lr; engine.optimizer_metrics()
+    engine.save(folder, client_state); engine.load(folder)  # model + optimizer + scheduler
 
 Neither builds the whole model on one rank: DeepSpeed ZeRO-3 constructs it inside
 `deepspeed.zero.Init` (each parameter partitioned as its module is built), FSDP2 on the
@@ -12,7 +13,10 @@ meta device, sharded per decoder layer, then allocated shard by shard.
 
 from __future__ import annotations
 
+import copy
 import os
+from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,8 +24,34 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import scale_zero
-from scale_zero.trainer.config import TrainConfig
-from scale_zero.trainer.optim import base_optimizer, build_optimizer, build_scheduler
+from scale_zero_train.config import TrainConfig
+from scale_zero_train.optim import base_optimizer, build_optimizer, build_scheduler, optimizer_metrics
+
+
+class Engine(Protocol):
+    """A model sharded over the data-parallel ranks with its optimizer and lr schedule."""
+
+    optimizer: torch.optim.Optimizer
+    """the torch optimizer (SCALE, AdamW, ...) inside the engine's wrappers"""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
+        """One optimizer step over gradient-accumulation micro-batches: (mean loss, grad norm) on this rank."""
+
+    def eval_loss(self, batches: list[torch.Tensor]) -> float:
+        """Mean loss over `batches` in eval mode, without gradients; back in train mode after."""
+
+    def optimizer_metrics(self) -> dict[str, float]:
+        """The optimizer's scalars (a collective: every rank calls it at the same step)."""
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        """Model, optimizer and scheduler state into `folder` (every rank calls it)."""
+
+    def load(self, folder: Path) -> None:
+        """Restore what `save` wrote."""
 
 
 def init_distributed(backend: str) -> torch.device:
@@ -41,43 +71,94 @@ def init_distributed(backend: str) -> torch.device:
     return device
 
 
-def _checkpointing_kwargs() -> dict:
-    # Non-reentrant: works with ZeRO-3's and FSDP2's parameter hooks and needs no input grads.
-    return {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config this run hands to DeepSpeed: a new dict, the JSON as read with the
+    resolved batch, clipping and precision, and the command line's lr for the JSON's own
+    optimizer (configs/zero3_adamw.json); a client optimizer (SCALE) needs
+    zero_allow_untested_optimizer unless the JSON says otherwise."""
+    ds = copy.deepcopy(cfg.deepspeed_json)
+    ds.update(
+        train_batch_size=cfg.schedule.global_batch_size,
+        train_micro_batch_size_per_gpu=cfg.schedule.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_clipping=cfg.optim.grad_clip,
+        bf16={**ds.get("bf16", {}), "enabled": cfg.model.bf16},
+    )
+    if "optimizer" in ds:
+        ds["optimizer"]["params"] = {**ds["optimizer"].get("params", {}), "lr": cfg.optim.lr}
+    else:
+        ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
 
 
-class DeepSpeedEngine:
+def _build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return build_optimizer(o.optimizer, model, o.lr, o.adam_lr, o.momentum, o.weight_decay)
+
+
+def _build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    s = cfg.schedule
+    return build_scheduler(optimizer, s.steps, s.warmup_ratio, s.min_lr_ratio)
+
+
+def _enable_checkpointing(cfg: TrainConfig, model: LlamaForCausalLM) -> None:
+    if cfg.model.activation_checkpointing:
+        # Non-reentrant: works with ZeRO-3's and FSDP2's parameter hooks and needs no input grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@torch.no_grad()
+def _eval_loss(module: nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Both engines' evaluation: eval mode (no dropout), no gradients, train mode again after."""
+    module.eval()
+    try:
+        losses = [module(input_ids=b.to(device), labels=b.to(device)).loss.float() for b in batches]
+    finally:
+        module.train()
+    return torch.stack(losses).mean().item()
+
+
+class _Common:
+    """What both engines share: the lr of the scheduler, evaluation and the optimizer's scalars."""
+
+    module: nn.Module  # the callable model: DeepSpeed's engine or the FSDP2-sharded model
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def eval_loss(self, batches: list[torch.Tensor]) -> float:
+        return _eval_loss(self.module, batches, self.device)
+
+    def optimizer_metrics(self) -> dict[str, float]:
+        return optimizer_metrics(self.optimizer)
+
+
+class DeepSpeedEngine(_Common):
     def __init__(self, cfg: TrainConfig, device: torch.device):
         import deepspeed
 
         self.cfg, self.device = cfg, device
-        ds = cfg.ds_config
+        ds = deepspeed_config(cfg)
         with deepspeed.zero.Init(config_dict_or_path=ds, enabled=cfg.zero_stage == 3):
             model = LlamaForCausalLM(cfg.model_config)
         if cfg.zero_stage == 3:
             _init_partitioned_weights(model)
-        if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(**_checkpointing_kwargs())
-
-        optimizer = None
-        if "optimizer" in ds:  # DeepSpeed's own AdamW (configs/zero3_adamw.json); the CLI lr wins
-            ds["optimizer"].setdefault("params", {})["lr"] = cfg.lr
-        else:
-            optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.adam_lr, cfg.momentum, cfg.weight_decay)
-            ds.setdefault("zero_allow_untested_optimizer", True)
+        _enable_checkpointing(cfg, model)
+        # DeepSpeed's own AdamW if the JSON defines it (configs/zero3_adamw.json), else ours.
+        optimizer = None if "optimizer" in ds else _build_optimizer(cfg, model)
         # scale_zero.initialize binds SCALE to ZeRO's flat partitions; other optimizers pass through.
         self.engine, _, _, self.scheduler = scale_zero.initialize(
             model=model,
             optimizer=optimizer,
             model_parameters=model.parameters() if optimizer is None else None,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio),
+            lr_scheduler=lambda opt: _build_scheduler(cfg, opt),
             config=ds,
         )
+        self.module = self.engine
         self.optimizer = base_optimizer(self.engine.optimizer)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
         losses = []
@@ -88,13 +169,6 @@ class DeepSpeedEngine:
             self.engine.step()  # the optimizer and the scheduler step at the last micro-batch
             losses.append(loss.detach().float())
         return torch.stack(losses).mean().item(), float(self.engine.get_global_grad_norm() or 0.0)
-
-    @torch.no_grad()
-    def eval_loss(self, batches: list[torch.Tensor]) -> float:
-        self.engine.eval()
-        losses = [self.engine(input_ids=b.to(self.device), labels=b.to(self.device)).loss.float() for b in batches]
-        self.engine.train()
-        return torch.stack(losses).mean().item()
 
     def save(self, folder, client_state: dict) -> None:
         self.engine.save_checkpoint(str(folder), tag="engine", client_state=client_state, save_latest=False)
@@ -120,7 +194,7 @@ def _init_partitioned_weights(model: LlamaForCausalLM) -> None:
                     model._init_weights(module)
 
 
-class FSDPEngine:
+class FSDPEngine(_Common):
     def __init__(self, cfg: TrainConfig, device: torch.device):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.device_mesh import init_device_mesh
@@ -129,9 +203,9 @@ class FSDPEngine:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg.model_config)
-        if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(**_checkpointing_kwargs())
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else MixedPrecisionPolicy()
+        _enable_checkpointing(cfg, model)
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.model.bf16
+                  else MixedPrecisionPolicy())
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -139,16 +213,12 @@ class FSDPEngine:
         # DTensor's random ops give each shard its part of one global random stream on GPUs;
         # on CPU they fall back to the local generator, so seed it per rank there.
         if device.type == "cpu":
-            torch.manual_seed(cfg.seed + dist.get_rank())
+            torch.manual_seed(cfg.schedule.seed + dist.get_rank())
         model.init_weights()  # on the local shards; also recomputes the RoPE buffers
-        torch.manual_seed(cfg.seed)
-        self.model: nn.Module = model
-        self.optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.adam_lr, cfg.momentum, cfg.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        torch.manual_seed(cfg.schedule.seed)
+        self.model = self.module = model
+        self.optimizer = _build_optimizer(cfg, model)
+        self.scheduler = _build_scheduler(cfg, self.optimizer)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
         losses = []
@@ -159,7 +229,7 @@ class FSDPEngine:
             loss = self.model(input_ids=batch, labels=batch).loss
             (loss / len(micro_batches)).backward()
             losses.append(loss.detach().float())
-        max_norm = self.cfg.grad_clip or float("inf")
+        max_norm = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -167,11 +237,6 @@ class FSDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return torch.stack(losses).mean().item(), grad_norm.item()
-
-    @torch.no_grad()
-    def eval_loss(self, batches: list[torch.Tensor]) -> float:
-        losses = [self.model(input_ids=b.to(self.device), labels=b.to(self.device)).loss.float() for b in batches]
-        return torch.stack(losses).mean().item()
 
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -201,4 +266,6 @@ class FSDPEngine:
         self.scheduler.load_state_dict(client["scheduler"])
 
 
-ENGINES = {"deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}
+def build_engine(cfg: TrainConfig, device: torch.device) -> Engine:
+    """The engine of `cfg.run.backend` (scale_zero_train.vocab.BACKENDS)."""
+    return DeepSpeedEngine(cfg, device) if cfg.run.backend == "deepspeed" else FSDPEngine(cfg, device)

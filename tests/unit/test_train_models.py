@@ -1,5 +1,5 @@
-"""The model configs (parameter counts of the spec's table, on the meta device), the
-schedule, and the derived batch arithmetic."""
+"""The model configs (parameter counts of the paper's table, docs/algorithm.md "The paper's
+setup", on the meta device), the schedule, and the derived batch arithmetic."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scale_zero import SCALE
-from scale_zero.trainer.config import ConfigError, load_model_config, parse_args, resolve
-from scale_zero.trainer.optim import build_optimizer, lr_lambda
+from scale_zero_train.config import ConfigError, load_config, parse_args
+from scale_zero_train.optim import build_optimizer, lr_lambda
+from scale_zero_train.vocab import load_model_config
 
-# Spec section 5: hidden, ffn, heads, layers, max positions, parameters.
+# docs/algorithm.md, "The paper's setup": hidden, ffn, heads, layers, max positions, parameters.
 TABLE = {
     "60m": (512, 1376, 8, 8, 1024, 58.1e6),
     "130m": (768, 2048, 12, 12, 1024, 134.1e6),
@@ -52,10 +53,10 @@ def test_schedule_warmup_from_zero_then_cosine_to_floor():
 
 
 def test_gradient_accumulation_is_derived():
-    cfg = resolve(parse_args(["--backend", "fsdp", "--global-batch-size", "512", "--micro-batch-size", "16"]), world_size=8)
+    cfg = load_config(parse_args(["--backend", "fsdp", "--global-batch-size", "512", "--micro-batch-size", "16"]), world_size=8)
     assert cfg.grad_accum == 4
     with pytest.raises(ConfigError, match="not divisible by --micro-batch-size 16 x 8"):
-        resolve(parse_args(["--backend", "fsdp", "--global-batch-size", "500", "--micro-batch-size", "16"]), world_size=8)
+        load_config(parse_args(["--backend", "fsdp", "--global-batch-size", "500", "--micro-batch-size", "16"]), world_size=8)
 
 
 def test_preset_changes_defaults_and_the_command_line_wins():

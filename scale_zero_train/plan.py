@@ -1,6 +1,6 @@
 """Per-GPU memory plan for LLaMA pretraining with SCALE or AdamW under ZeRO-1/2/3 and FSDP2.
 
-    python -m scale_zero.plan --model 7b --nodes 2 --gpus-per-node 8 --gpu-memory 80
+    python -m scale_zero_train.plan --model 7b --nodes 2 --gpus-per-node 8 --gpu-memory 80
 
 Model states come from the model's exact parameter shapes (LlamaForCausalLM built on the
 meta device) and each engine's partitioning rules:
@@ -40,12 +40,11 @@ from unittest import mock
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
-from scale_zero.param_groups import scale_param_groups
+from scale_zero import scale_param_groups
+from scale_zero_train.errors import ConfigError
+from scale_zero_train.vocab import MODEL_SIZES, PLANNER_OPTIMIZERS as OPTIMIZERS, SHARDINGS, load_model_config
 
 GIB = 2**30
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-ENGINES = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
-OPTIMIZERS = ("scale", "adamw")
 # DeepSpeed 0.19.8's defaults, used when no DeepSpeed config is given.
 DS_DEFAULTS = dict(reduce_bucket_size=int(5e8), prefetch_bucket_size=int(5e7), param_persistence_threshold=int(1e5))
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -64,20 +63,6 @@ class Param:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-def load_config(model: str | Path | LlamaConfig) -> LlamaConfig:
-    """A size name (models/<name>.json), a LlamaConfig JSON path, or a LlamaConfig."""
-    if isinstance(model, LlamaConfig):
-        return model
-    path = Path(model)
-    if not path.suffix:
-        path = MODELS_DIR / f"{str(model).lower()}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in MODELS_DIR.glob("*.json"))
-        sizes = ", ".join(known) or "models/*.json"
-        raise FileNotFoundError(f"no model config {path}: give a size ({sizes}) or a LlamaConfig JSON path")
-    return LlamaConfig.from_json_file(str(path))
 
 
 @contextlib.contextmanager
@@ -193,7 +178,7 @@ def model_states(params: list[Param], world: int, engine: EngineConfig) -> Model
             params=4 * total, master=0, grads=4 * total,
             optimizer=_optimizer_bytes(sum(shard[p] for p in output), sum(shard[p] for p in vector), total),
         )
-    raise ValueError(f"unknown engine {e.engine!r}; expected one of {ENGINES}")
+    raise ValueError(f"unknown engine {e.engine!r}; expected one of {SHARDINGS}")
 
 
 def _optimizer_bytes(output_numel: int, vector_numel: int, total_numel: int) -> dict[str, int]:
@@ -320,7 +305,7 @@ def estimate(
     """Per-GPU bytes of one configuration and, given the GPU's memory, the largest micro batch."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; the planner knows {OPTIMIZERS}")
-    config = load_config(model)
+    config = load_model_config(model)
     engine = engine if isinstance(engine, EngineConfig) else EngineConfig(engine=engine)
     params = model_params(config)
     states = model_states(params, world_size, engine)
@@ -389,7 +374,7 @@ def format_plan(model: str, world: int, micro_batch: int, seq_len: int, gpu_memo
                 engines: list[EngineConfig], checkpointing: bool, reserve_gib: float) -> str:
     """The per-GPU table for every engine x optimizer, activations with and without
     checkpointing, and the largest micro batch that fits."""
-    config = load_config(model)
+    config = load_model_config(model)
     params = model_params(config)
     n = sum(p.numel for p in params)
     acts = {ac: activation_line(config, seq_len, ac, engines[0].precision) for ac in (False, True)}
@@ -430,8 +415,8 @@ def format_plan(model: str, world: int, micro_batch: int, seq_len: int, gpu_memo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scale_zero.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="size (tiny, 60m, ..., 7b) or a LlamaConfig JSON path")
+    parser = argparse.ArgumentParser(prog="python -m scale_zero_train.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help=f"size ({', '.join(MODEL_SIZES)}) or a LlamaConfig JSON path")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU; with it, the largest micro batch that fits")
@@ -439,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="check the fit with activation checkpointing (the table shows both)")
-    parser.add_argument("--engine", choices=ENGINES, action="append", help="default: zero2, zero3, fsdp2")
+    parser.add_argument("--engine", choices=SHARDINGS, action="append", help="default: zero2, zero3, fsdp2")
     parser.add_argument("--ds-config", help="DeepSpeed JSON: precision, grad accumulation dtype, bucket sizes")
     parser.add_argument("--precision", choices=sorted(DTYPE_BYTES), default="bf16")
     parser.add_argument("--grad-accum-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
@@ -464,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_fits(args.model, world, args.micro_batch_size, args.seq_len, args.gpu_memory, args.optimizer,
                            engine, args.activation_checkpointing, args.reserve)
             print(f"\n{args.optimizer} fits under {', '.join(e.engine for e in engines)}.")
-    except (MemoryPlanError, FileNotFoundError) as err:
+    except (MemoryPlanError, ConfigError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
     return 0

@@ -3,31 +3,13 @@ before any training, and nothing on disk created or changed.
 
 Checks that need no process group run in-process (`main(argv)` as one rank); those that
 need the data (tokenizer vocabulary, data path) under the real launchers on 2 ranks.
-Checkpoints from another model or world size: tests/test_train.py (they need a real one)."""
+Checkpoints from another model or world size: tests/trainer/test_train.py (they need a real one)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.train_launch import REPO, SMALL_RUN, TINY_MODEL, ZERO3, train, write_json
-
-# launch/train.py is a script, not a package module: load it by path.
-_spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
-_train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_train_script)
-main = _train_script.main
-
-
-def refused(argv: list[str], capsys) -> str:
-    """Run main in-process; it must exit 2 and print exactly one error line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("error:") == 1, err
-    return err
+from tests.support.train_launch import SMALL_RUN, TINY_MODEL, ZERO3, refused, train, write_json
 
 
 @pytest.fixture
