@@ -116,7 +116,7 @@ def _load_pieces(path: Path, meta: dict) -> dict[str, list[dict]]:
         raise ValueError(f"{path} has {len(files)} rank files, its meta.pt says {meta['world_size']}: incomplete export")
     by_name = defaultdict(list)
     for file in files:
-        for piece in torch.load(file, mmap=True, weights_only=False)["pieces"]:
+        for piece in torch.load(file, mmap=True, weights_only=True)["pieces"]:
             by_name[piece["name"]].append(piece)
     return by_name
 
@@ -129,7 +129,7 @@ def import_state(engine, path: str | os.PathLike) -> dict | None:
     path = Path(path)
     if not (path / "meta.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete scale_zero export (no meta.pt)")
-    meta = torch.load(path / "meta.pt", weights_only=False)
+    meta = torch.load(path / "meta.pt", weights_only=True)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
     roles = [g["role"] for g in scale.param_groups]

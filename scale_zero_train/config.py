@@ -15,7 +15,9 @@ names it and the fix. Nothing here writes to disk.
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
+import math
 import os
 import sys
 import types
@@ -32,6 +34,28 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_args", "resolve"]
 
 # Field metadata: read from the DeepSpeed JSON when the flag is not given (deepspeed backend).
 DEEPSPEED = {"deepspeed": True}
+# DeepSpeed's documented top-level config keys (deepspeed 0.19): DeepSpeed ignores any other
+# key, so a misspelt section ("zero_optimizaton") would silently train without it.
+DEEPSPEED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients", "fp16", "bf16", "amp",
+    "torch_autocast", "gradient_clipping", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "aio", "activation_checkpointing", "sparse_attention", "flops_profiler",
+    "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "monitor_config", "autotuning", "elasticity",
+    "pipeline", "checkpoint", "data_types", "data_efficiency", "curriculum_learning", "compression_training",
+    "quantize_training", "progressive_layer_drop", "eigenvalue", "steps_per_print", "wall_clock_breakdown",
+    "memory_breakdown", "dump_state", "disable_allgather", "dataloader_drop_last", "hybrid_engine", "nebula",
+    "weight_quantization", "compile", "use_data_before_expert_parallelism", "disable_python_gc", "log_level",
+    "managed_gradient_accumulation", "timers", "graph_harvesting", "tensor_parallel", "sequence_parallel_size",
+)
+
+
+def unknown_key_error(what: str, key: str, valid) -> ConfigError:
+    """`what` has a key no one reads: name it and the nearest valid key."""
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{what} has an unknown key {key!r}; {hint} Fix or remove it")
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,12 @@ class Run:
     """keep the last K checkpoints"""
     resume: str = "auto"
     """auto (newest complete checkpoint in the run dir, if any) | none | PATH"""
+    move_newer_aside: bool = False
+    """resuming from a checkpoint older than the newest in the run dir (a rollback or a branch): move the newer
+    ones into checkpoints/moved-<UTC time>/ (without it such a resume is refused)"""
+    allow_data_change: bool = False
+    """resume although the data files differ from those the checkpoint was trained on (the held-out split and the
+    data position then refer to the new files)"""
     stop_after: int | None = None
     """end this invocation after this step with a checkpoint, keeping the schedule of --steps (for time-limited
     jobs; the next start resumes)"""
@@ -265,7 +295,45 @@ def _deepspeed_values(args: argparse.Namespace, ds: dict, world_size: int) -> di
     return {name: value for name, value in found.items() if getattr(args, name) is None}
 
 
+def _auto_values(value, path: str = ""):
+    """The key paths whose value is the Hugging Face Trainer's placeholder "auto"."""
+    if value == "auto":
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _auto_values(item, f"{path}.{key}" if path else key)
+
+
+def _check_deepspeed_keys(name: str, ds: dict) -> None:
+    """Every key DeepSpeed would read, and no "auto": DeepSpeed's own errors name a pydantic
+    model, not the file; its silence on an unknown top-level key trains something else."""
+    for key in ds:
+        if key not in DEEPSPEED_KEYS:
+            raise unknown_key_error(f"DeepSpeed config {name}", key, DEEPSPEED_KEYS)
+    auto = list(_auto_values(ds))
+    if auto:
+        raise ConfigError(f"DeepSpeed config {name} sets {', '.join(auto)} to \"auto\", which only the Hugging Face "
+                          "Trainer fills in; give a number, or drop the key and use the flag "
+                          "(--global-batch-size, --micro-batch-size, --grad-clip)")
+    if not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"DeepSpeed config {name}: zero_optimization must be an object, e.g. {{\"stage\": 3}}")
+    from pydantic import ValidationError
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            valid = set(DeepSpeedZeroConfig.model_fields) | {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+            raise unknown_key_error(f"DeepSpeed config {name}: zero_optimization", key, valid) from None
+        raise ConfigError(f"DeepSpeed config {name}: zero_optimization.{key}: {first['msg']} "
+                          f"(got {first.get('input')!r}); fix the value") from None
+
+
 def _check_deepspeed_json(args: argparse.Namespace, ds: dict, bf16: bool) -> None:
+    _check_deepspeed_keys(args.config, ds)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"DeepSpeed config {args.config}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -310,6 +378,9 @@ def resolve(args: argparse.Namespace, deepspeed_json: dict, model_config: LlamaC
                  "eval_tokens"):
         if values[name] is None or values[name] <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {values[name]}")
+    for name, value in values.items():  # NaN passes every comparison below, inf most
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("save_every", "eval_every", "weight_decay", "grad_clip"):
         if values[name] < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {values[name]}")

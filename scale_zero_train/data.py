@@ -278,11 +278,51 @@ def _local_files(source: str) -> dict[str, list[str]]:
     return dict(groups)
 
 
+def _check_text_file(path: str) -> None:
+    """A .txt file is UTF-8 text with at least one non-blank line; `datasets` only says
+    "An error occurred while generating the dataset" for anything else."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file {path} is empty; give a file with text in it, or remove it from --data")
+    if b"\0" in raw:
+        raise DataError(f"data file {path} is binary (it holds NUL bytes), not text; give a UTF-8 .txt file")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path}") from None
+
+
+# Bytes read from each end of a data file for its fingerprint: a changed file almost always
+# changes its size or one of its ends, and reading all of a terabyte corpus at every start is not an option.
+FINGERPRINT_SPAN = 1 << 20
+
+
+def fingerprint(source: str) -> str:
+    """What a checkpoint's data position is only valid for: the source's name and, for local
+    files, each file's path, size and the SHA-256 of its first and last MiB."""
+    if source in ("embedded", "c4"):
+        return source
+    digest = hashlib.sha256()
+    for files in _local_files(source).values():
+        for path in files:
+            size = os.path.getsize(path)
+            digest.update(f"{os.path.abspath(path)}\0{size}\0".encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(FINGERPRINT_SPAN))
+                f.seek(max(0, size - FINGERPRINT_SPAN))
+                digest.update(f.read(FINGERPRINT_SPAN))
+    return f"sha256:{digest.hexdigest()}"
+
+
 def _local_documents(source: str):
     from datasets import concatenate_datasets, load_dataset
 
     parts = []
     for builder, files in _local_files(source).items():
+        if builder == "text":
+            for path in files:
+                _check_text_file(path)
         # A .txt file is split at blank lines: one paragraph, one document.
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         try:

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import scale_zero
+from scale_zero_train.checkpoint import safe_load
 from scale_zero_train.config import TrainConfig
 from scale_zero_train.optim import base_optimizer, build_optimizer, build_scheduler, optimizer_metrics
 
@@ -262,7 +263,7 @@ class FSDPEngine(_Common):
         set_model_state_dict(self.model, state["model"])
         # SCALE keeps no state for matrices and the embedding: not strict about missing entries.
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(strict=False))
-        client = torch.load(os.path.join(folder, "client_state.pt"), weights_only=False)
+        client = safe_load(Path(folder) / "client_state.pt")
         self.scheduler.load_state_dict(client["scheduler"])
 
 

@@ -11,6 +11,7 @@ continues from the newest complete checkpoint there.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,12 +20,18 @@ import torch
 import torch.distributed as dist
 
 from scale_zero_train import data, plan
-from scale_zero_train.checkpoint import Checkpointer, checkpoint_to_resume, load_trainer_state
+from scale_zero_train.checkpoint import (
+    Checkpointer, ResumePlan, acquire_lock, check_run_dir, checkpoint_root, checkpoint_to_resume, load_trainer_state,
+    move_aside, release_lock,
+)
 from scale_zero_train.config import TrainConfig, load_config, parse_args
 from scale_zero_train.engines import build_engine, deepspeed_config, init_distributed
-from scale_zero_train.errors import ConfigError, fail
-from scale_zero_train.metrics import Logger, MetricsLogger, Validator, perplexity
+from scale_zero_train.errors import DIVERGED, ConfigError, fail
+from scale_zero_train.metrics import Logger, MetricsLogger, Validator, all_reduce, perplexity
 from scale_zero_train.vocab import PLANNED_STATE
+
+# Test hook: fill the model's first parameter with NaN just before this step (a diverging run).
+NAN_AT_STEP_ENV = "SCALE_ZERO_TEST_NAN_AT_STEP"
 
 
 def check_memory(cfg: TrainConfig) -> None:
@@ -37,6 +44,36 @@ def check_memory(cfg: TrainConfig) -> None:
                     gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
                     optimizer=PLANNED_STATE[cfg.optim.optimizer], engine=engine,
                     activation_checkpointing=cfg.model.activation_checkpointing, global_batch_size=s.global_batch_size)
+
+
+def gathered_failure(error: str | None, world_size: int) -> None:
+    """Any rank's error stops every rank with its message."""
+    errors = [None] * world_size
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        fail(next(e for e in errors if e))
+
+
+def claim_run_dir(cfg: TrainConfig, plan: ResumePlan, rank: int) -> None:
+    """Rank 0 locks the run dir, then moves aside what the resume plan says; a refusal stops every rank."""
+    error = None
+    if rank == 0:
+        try:
+            acquire_lock(cfg.run_dir)
+            for warning in plan.warnings:
+                print(warning, flush=True)
+            if plan.move_aside:
+                moved = move_aside(checkpoint_root(cfg.run_dir), list(plan.move_aside))
+                print(f"moved {', '.join(p.name for p in plan.move_aside)} into {moved}", flush=True)
+        except (ConfigError, OSError) as e:
+            error = str(e)
+    gathered_failure(error, cfg.world_size)
+
+
+def poison_for_test(engine, step: int) -> None:
+    if os.environ.get(NAN_AT_STEP_ENV) == str(step):
+        with torch.no_grad():
+            next(engine.module.parameters()).data.fill_(float("nan"))
 
 
 def load_data(cfg: TrainConfig, rank: int) -> tuple[data.TokenStream, list[torch.Tensor]]:
@@ -67,10 +104,7 @@ def load_inputs(cfg: TrainConfig, rank: int, resume_from: Path | None):
             stream.load_state_dict(trainer_state["data"])
     except (data.DataError, ConfigError) as e:
         error = str(e)
-    errors = [None] * cfg.world_size
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        fail(next(e for e in errors if e))
+    gathered_failure(error, cfg.world_size)
     return stream, val_batches, trainer_state
 
 
@@ -78,9 +112,10 @@ class Trainer:
     """One invocation of a run: the engine and the components that decide their own timing
     (metrics, validation, checkpoints) around the training steps."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, resume_from: Path | None):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, plan: ResumePlan):
+        self.cfg, resume_from = cfg, plan.path
         self.stream, val_batches, trainer_state = load_inputs(cfg, rank, resume_from)
+        claim_run_dir(cfg, plan, rank)  # the first write into the run dir
         self.log = Logger(cfg.run_dir, cfg.schedule.steps, enabled=rank == 0)
         self.log.print("resolved config:\n" + json.dumps(cfg.summary(), indent=2, default=str))
         self.engine = build_engine(cfg, device)
@@ -98,12 +133,25 @@ class Trainer:
         last_step = self.cfg.run.stop_after or self.cfg.schedule.steps
         while self.step < last_step:
             lr, started = self.engine.lr, time.perf_counter()
+            poison_for_test(self.engine, self.step + 1)
             loss, grad_norm = self.engine.train_step([next(self.stream) for _ in range(self.cfg.grad_accum)])
             self.step += 1
+            mean_loss = self.check_finite(loss, grad_norm)
             self.metrics.maybe_log(self.step, loss, grad_norm, lr, step_time=time.perf_counter() - started)
             self.validator.maybe_validate(self.step)
-            self.checkpointer.maybe_save(self.step)
+            self.checkpointer.maybe_save(self.step, mean_loss)
         return self.close()
+
+    def check_finite(self, loss: float, grad_norm: float) -> float:
+        """The step's loss averaged over the ranks; a non-finite loss or gradient norm on any
+        rank stops the run (exit status 3) before a checkpoint of its state can be written."""
+        total_loss, total_norm = all_reduce([loss, grad_norm])  # NaN and inf survive a sum
+        if not (math.isfinite(total_loss) and math.isfinite(total_norm)):
+            last = self.checkpointer.latest
+            fail(f"step {self.step} has a non-finite loss ({loss}) or gradient norm ({grad_norm}); stopped without "
+                 f"saving it. The last good checkpoint is {last or 'none'}: lower --lr / --adam-lr or raise "
+                 "--warmup-ratio, in a new --run-dir (the recipe is part of the run)", status=DIVERGED)
+        return total_loss / self.cfg.world_size
 
     def close(self) -> dict:
         self.log.close()
@@ -117,21 +165,33 @@ class Trainer:
         return summary
 
 
+def check_inputs(argv: list[str] | None, world_size: int, preset: dict | None = None) -> tuple[TrainConfig, ResumePlan]:
+    """Everything that needs no process group, before writing anything: the resolved config
+    and where it resumes from; one message and exit status 2 on a problem (on every rank,
+    and in scale_zero_train.launch before any rank starts)."""
+    args = parse_args(argv, preset)
+    try:
+        cfg = load_config(args, world_size)
+        resume = checkpoint_to_resume(cfg)
+        check_run_dir(cfg)
+        check_memory(cfg)
+    except (ConfigError, data.DataError, plan.MemoryPlanError) as e:
+        fail(str(e))
+    return cfg, resume
+
+
 def main(argv: list[str] | None = None, preset: dict | None = None) -> dict:
     """Train as the command line (and a preset, scale_zero_train.presets) says; the run's summary."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    args = parse_args(argv, preset)
-    # Everything that needs no process group, on every rank, before writing anything.
-    try:
-        cfg = load_config(args, world_size)
-        resume_from = checkpoint_to_resume(cfg)
-        check_memory(cfg)
-    except (ConfigError, plan.MemoryPlanError) as e:
-        fail(str(e))
+    cfg, resume = check_inputs(argv, world_size, preset)
     torch.manual_seed(cfg.schedule.seed)
     device = init_distributed(cfg.run.backend)
-    summary = Trainer(cfg, device, rank, resume_from).train()
-    dist.barrier()
+    try:
+        summary = Trainer(cfg, device, rank, resume).train()
+        dist.barrier()
+    finally:
+        if rank == 0:
+            release_lock(cfg.run_dir)
     dist.destroy_process_group()
     return summary
 

@@ -3,6 +3,8 @@ optimizers, and the engines the memory planner models."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 from pathlib import Path
 
@@ -40,6 +42,26 @@ def load_json(path: str | Path, what: str, fix: str) -> dict:
     return value
 
 
+# Keys older transformers versions wrote, which LlamaConfig still reads.
+LEGACY_MODEL_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
+
+
+def model_config_keys() -> set[str]:
+    """Every key a LlamaConfig JSON may hold: its constructor's arguments and what it saves."""
+    return (set(inspect.signature(LlamaConfig.__init__).parameters) - {"self", "kwargs"}
+            | set(LlamaConfig().to_dict()) | set(LEGACY_MODEL_KEYS))
+
+
+def _check_model_keys(path: Path, raw: dict) -> None:
+    """LlamaConfig keeps an unknown key as an attribute no layer reads ("hidden_sise"): refuse it."""
+    valid = model_config_keys()
+    for key in raw:
+        if key not in valid:
+            near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}?" if near else "see transformers' LlamaConfig for the valid keys."
+            raise ConfigError(f"model config {path} has an unknown key {key!r}; {hint} Fix or remove it")
+
+
 def load_model_config(model: str | Path | LlamaConfig) -> LlamaConfig:
     """A model size name (scale_zero_train/models/<size>.json), a path to a LlamaConfig JSON,
     or a LlamaConfig (returned as it is)."""
@@ -55,9 +77,11 @@ def load_model_config(model: str | Path | LlamaConfig) -> LlamaConfig:
     raw = load_json(path, "model config", f"use one of {', '.join(MODEL_SIZES)} or a LlamaConfig JSON path")
     if raw.get("model_type", "llama") != "llama":
         raise ConfigError(f"model config {path} has model_type {raw['model_type']!r}; this trainer builds LLaMA (model_type llama)")
+    _check_model_keys(path, raw)
     try:
         config = LlamaConfig(**raw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model config {path} is not a valid LlamaConfig ({e}); fix the file")
+    except Exception as e:  # TypeError, ValueError, huggingface_hub's StrictDataclassClassValidationError, ...
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"model config {path} is not a valid LlamaConfig ({reason}); fix the file") from None
     config.use_cache = False
     return config

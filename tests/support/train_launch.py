@@ -1,4 +1,5 @@
-"""Run launch/train.py the way users do: under the real `deepspeed` or `torchrun` launcher,
+"""Run launch/train.py the way users do: under the real `deepspeed` launcher or ours for FSDP2
+(`python -m scale_zero_train.launch`, torchrun in-process),
 2 CPU ranks (gloo), a free port, and a tiny LLaMA; or in-process as one rank (`refused`).
 Shared by the trainer's tests."""
 
@@ -41,7 +42,7 @@ def train(backend: str, args: list[str], tmp: Path, env: dict | None = None, ran
     if backend == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, "launch/train.py"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+        cmd = [sys.executable, "-m", "scale_zero_train.launch", "--nproc-per-node", str(ranks),
                "--master-addr", "127.0.0.1", "--master-port", port, "launch/train.py", "--backend", "fsdp"]
     full_env = {
         **os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
