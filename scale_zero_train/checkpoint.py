@@ -406,8 +406,12 @@ def check_run_dir(cfg: TrainConfig) -> None:
                           "choose a writable --run-dir") from None
     needed, free = checkpoint_bytes(cfg), shutil.disk_usage(where).free
     if free < needed:
-        raise ConfigError(f"no space left on {where} for a checkpoint: about {needed / 2**30:.2f} GiB needed, "
-                          f"{free / 2**30:.2f} GiB free; free space or choose another --run-dir")
+        raise ConfigError(f"no space left on {where} for a checkpoint: about {_size(needed)} needed, "
+                          f"{_size(free)} free; free space or choose another --run-dir")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _disk_full(error: BaseException, root: Path, needed: int) -> bool:
@@ -423,7 +427,7 @@ def _disk_full(error: BaseException, root: Path, needed: int) -> bool:
 def save_failure(error: BaseException, root: Path, needed: int) -> str:
     """One message for a save that failed."""
     if _disk_full(error, root, needed):
-        return (f"no space left on {root}: about {needed / 2**30:.2f} GiB needed for a checkpoint; the last good "
+        return (f"no space left on {root}: about {_size(needed)} needed for a checkpoint; the last good "
                 "checkpoint is kept: free space and resume with --resume auto")
     reason = " ".join(str(error).split())[:300]
     return (f"saving a checkpoint into {root} failed ({type(error).__name__}: {reason}); the last good checkpoint "

@@ -173,8 +173,8 @@ def check_inputs(argv: list[str] | None, world_size: int, preset: dict | None = 
     try:
         cfg = load_config(args, world_size)
         resume = checkpoint_to_resume(cfg)
-        check_run_dir(cfg)
         check_memory(cfg)
+        check_run_dir(cfg)
     except (ConfigError, data.DataError, plan.MemoryPlanError) as e:
         fail(str(e))
     return cfg, resume
