@@ -3,5 +3,5 @@
 metrics, the paper's presets and the memory planner. `scale_zero` never imports this package.
 
     deepspeed --module scale_zero_train --config configs/zero3_scale.json --model 1b
-    torchrun --nproc-per-node 8 -m scale_zero_train --backend fsdp --model 1b
+    python -m scale_zero_train.launch --nproc-per-node 8 -m scale_zero_train --backend fsdp --model 1b
 """

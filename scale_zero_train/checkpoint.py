@@ -41,9 +41,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from scale_zero_train import plan
 from scale_zero_train.config import TrainConfig
 from scale_zero_train.data import fingerprint
 from scale_zero_train.errors import ConfigError, fail
+from scale_zero_train.vocab import PLANNED_STATE
 
 META = "meta.json"
 LATEST = "latest"
@@ -372,18 +374,13 @@ def release_lock(run_dir: Path) -> None:
 
 
 def checkpoint_bytes(cfg: TrainConfig) -> int:
-    """About how large one checkpoint is: fp32 weights, and the optimizer's state per
-    parameter (AdamW: 2 moments; SCALE at most one momentum) with DeepSpeed's fp32 master copy."""
-    n = sum(_parameter_count(cfg.model_config))
-    per_parameter = 4 + (8 if cfg.optim.optimizer == "adamw" else 4) + (4 if cfg.run.backend == "deepspeed" else 0)
-    return n * per_parameter
-
-
-def _parameter_count(model_config) -> list[int]:
-    with torch.device("meta"):
-        from transformers import LlamaForCausalLM
-
-        return [p.numel() for p in LlamaForCausalLM(model_config).parameters()]
+    """About how large one checkpoint is: fp32 weights, the optimizer's state as the memory
+    planner counts it, and under DeepSpeed its fp32 master copy besides the module's weights."""
+    params = plan.model_params(cfg.model_config)
+    total = sum(p.numel for p in params)
+    numel = {role: sum(p.numel for p in params if p.role == role) for role in ("output", "vector")}
+    optimizer = plan._optimizer_bytes(numel["output"], numel["vector"], total)[PLANNED_STATE[cfg.optim.optimizer]]
+    return 4 * total * (2 if cfg.run.backend == "deepspeed" else 1) + optimizer
 
 
 def _existing_ancestor(path: Path) -> Path:

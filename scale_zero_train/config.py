@@ -63,7 +63,7 @@ class Run:
     """run and checkpoints"""
 
     backend: str = field(default="deepspeed", metadata={"choices": BACKENDS})
-    """deepspeed: start with the `deepspeed` launcher; fsdp: start with `torchrun`"""
+    """deepspeed: start with the `deepspeed` launcher; fsdp: start with `python -m scale_zero_train.launch` (torchrun)"""
     config: str | None = None
     """DeepSpeed JSON config (deepspeed backend), e.g. configs/zero3_scale.json"""
     job_name: str | None = None

@@ -1,7 +1,7 @@
 """Pretrain a LLaMA model with SCALE (or AdamW) under DeepSpeed ZeRO or PyTorch FSDP2.
 
     deepspeed --num_gpus 8 launch/train.py --config configs/zero3_scale.json --model 1b
-    torchrun --nproc-per-node 8 -m scale_zero_train --backend fsdp --model 1b
+    python -m scale_zero_train.launch --nproc-per-node 8 -m scale_zero_train --backend fsdp --model 1b
 
 Every flag is in docs/training.md (or --help). The run writes TensorBoard logs to
 <run-dir>/tb and checkpoints to <run-dir>/checkpoints; --resume auto (the default)

@@ -16,7 +16,7 @@ from scale_zero_train.errors import ConfigError
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 # The paper's LLaMA sizes (docs/algorithm.md, "The paper's setup") and a tiny one for CPU runs.
 MODEL_SIZES = ("tiny", "60m", "130m", "350m", "1b", "7b")
-# deepspeed: started with the `deepspeed` launcher; fsdp (FSDP2): with `torchrun`.
+# deepspeed: started with the `deepspeed` launcher; fsdp (FSDP2): with `python -m scale_zero_train.launch` (torchrun).
 BACKENDS = ("deepspeed", "fsdp")
 # SCALE, the AdamW baseline and SCALE's ablations (scale_zero_train.optim.SCALE_VARIANTS).
 OPTIMIZERS = ("scale", "adamw", "colnorm-sgd", "sgd", "row-scale")
