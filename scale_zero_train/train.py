@@ -54,17 +54,17 @@ def gathered_failure(error: str | None, world_size: int) -> None:
         fail(next(e for e in errors if e))
 
 
-def claim_run_dir(cfg: TrainConfig, plan: ResumePlan, rank: int) -> None:
+def claim_run_dir(cfg: TrainConfig, resume: ResumePlan, rank: int) -> None:
     """Rank 0 locks the run dir, then moves aside what the resume plan says; a refusal stops every rank."""
     error = None
     if rank == 0:
         try:
             acquire_lock(cfg.run_dir)
-            for warning in plan.warnings:
+            for warning in resume.warnings:
                 print(warning, flush=True)
-            if plan.move_aside:
-                moved = move_aside(checkpoint_root(cfg.run_dir), list(plan.move_aside))
-                print(f"moved {', '.join(p.name for p in plan.move_aside)} into {moved}", flush=True)
+            if resume.move_aside:
+                moved = move_aside(checkpoint_root(cfg.run_dir), list(resume.move_aside))
+                print(f"moved {', '.join(p.name for p in resume.move_aside)} into {moved}", flush=True)
         except (ConfigError, OSError) as e:
             error = str(e)
     gathered_failure(error, cfg.world_size)
@@ -112,10 +112,10 @@ class Trainer:
     """One invocation of a run: the engine and the components that decide their own timing
     (metrics, validation, checkpoints) around the training steps."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, plan: ResumePlan):
-        self.cfg, resume_from = cfg, plan.path
+    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, resume: ResumePlan):
+        self.cfg, resume_from = cfg, resume.path
         self.stream, val_batches, trainer_state = load_inputs(cfg, rank, resume_from)
-        claim_run_dir(cfg, plan, rank)  # the first write into the run dir
+        claim_run_dir(cfg, resume, rank)  # the first write into the run dir
         self.log = Logger(cfg.run_dir, cfg.schedule.steps, enabled=rank == 0)
         self.log.print("resolved config:\n" + json.dumps(cfg.summary(), indent=2, default=str))
         self.engine = build_engine(cfg, device)
