@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from scale_zero import native
-from scale_zero.dtensor import dtensor_layout, local_tensor
+from scale_zero.dtensor import dtensor_layout, dtensor_offset, local_tensor
 from scale_zero.param_groups import normalized_shape, param_shape
 from scale_zero.rounding import block_index, round_into_, stream_key
 from scale_zero.shard_layout import Block, CommStats, ShardLayout, batched_rms
@@ -383,6 +383,9 @@ class SCALE(Optimizer):
             layout = dtensor_layout(p) if isinstance(p, DTensor) else ShardLayout.whole(normalized_shape(p, role))
             pieces = [(0, layout)]
         if local.dtype == torch.bfloat16:  # stepped as bf16 storage, in place when contiguous
+            if role == "vector" and isinstance(p, DTensor):  # where its elements are, for the rounding
+                start = dtensor_offset(p)
+                pieces = [(0, ShardLayout.flat_range((1, p.numel()), start, start + local.numel()))]
             exact = local.is_contiguous()
             param = local.view(-1) if exact else local.detach().clone(memory_format=torch.contiguous_format).view(-1)
             return _Unit(p, param, grad.reshape(-1), pieces, None if exact else local)

@@ -201,3 +201,41 @@ def test_flats_round_as_the_parameters_do(role, monkeypatch):
             flat.grad = whole[lo:hi].clone()
         opt.step()
     assert torch.equal(torch.cat([f.detach() for f in flats]), torch.cat([p.detach().reshape(-1) for p in alone]))
+
+
+def test_the_trainer_selects_master_free_bf16():
+    """--master-weights (default: the DeepSpeed JSON's bf16_master_weights_and_grads) picks
+    the mode; contradictions are refused naming the fix."""
+    import json
+    from pathlib import Path
+
+    from scale_zero_train.config import ConfigError, parse_args, resolve
+    from scale_zero_train.optim import build_optimizer
+    from tests.support.models import tiny_llama_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+
+    def resolved(*argv, config=None):
+        ds = json.loads((configs / config).read_text()) if config else {}
+        extra = ["--backend", "deepspeed", "--config", str(configs / config)] if config else ["--backend", "fsdp"]
+        args = parse_args([*extra, "--global-batch-size", "8", "--micro-batch-size", "1", "--seq-len", "16", *argv])
+        return resolve(args, ds, tiny_llama_config(), 2)
+
+    assert resolved().model.master_weights == "fp32"
+    assert resolved(config="zero3_scale.json").model.master_weights == "fp32"
+    for name in ("zero3_scale_bf16.json", "zero2_scale_bf16.json"):
+        assert resolved(config=name).model.master_weights == "bf16"
+    assert resolved("--master-weights", "bf16-nearest").model.master_weights == "bf16-nearest"
+    for argv, config, problem in [
+        (["--master-weights", "fp32"], "zero3_scale_bf16.json", "keeps bf16 master weights"),
+        (["--master-weights", "bf16"], "zero3_scale.json", "bf16_master_weights_and_grads"),
+        (["--master-weights", "bf16", "--optimizer", "adamw"], None, "AdamW needs --master-weights fp32"),
+        (["--master-weights", "bf16", "--no-bf16"], None, "needs bf16 compute"),
+    ]:
+        with pytest.raises(ConfigError, match=problem):
+            resolved(*argv, config=config)
+    for mode, stochastic in (("bf16", True), ("bf16-nearest", False)):
+        opt = build_optimizer("scale", tiny_llama(), 1e-3, 1e-2, 0.9, 0.0, mode)
+        assert (opt.stochastic_rounding, opt.state_dtype) == (stochastic, torch.bfloat16)
+    opt = build_optimizer("scale", tiny_llama(), 1e-3, 1e-2, 0.9, 0.0)
+    assert (opt.stochastic_rounding, opt.state_dtype) == (True, None)
