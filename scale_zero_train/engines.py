@@ -204,7 +204,7 @@ class FSDPEngine(_Common):
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg.model_config)
         if cfg.model.master_weights != "fp32":
-            _store_parameters_in_bf16(model)
+            store_parameters_in_bf16(model)
         _enable_checkpointing(cfg, model)
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.model.bf16
                   else MixedPrecisionPolicy())
@@ -268,7 +268,7 @@ class FSDPEngine(_Common):
         self.scheduler.load_state_dict(client["scheduler"])
 
 
-def _store_parameters_in_bf16(model: nn.Module) -> None:
+def store_parameters_in_bf16(model: nn.Module) -> None:
     """Master-free FSDP2: the parameters themselves in bf16 (so the shards, their gradients
     and SCALE's updates are bf16, with no fp32 copy); buffers (RoPE's inverse frequencies)
     keep their dtype. A weight shared by two modules stays shared."""

@@ -20,7 +20,7 @@ single-process master-free SCALE:
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
 import os
 from pathlib import Path
@@ -31,11 +31,12 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported, here and in the ranks
 
 from tests.support.distributed import run_distributed  # noqa: E402
+from tests.support.models import batches, tiny_llama_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LR, ADAM_LR, MOMENTUM, WEIGHT_DECAY = 1e-2, 3e-3, 0.9, 0.1
 ACCUMULATION, STEPS, SAVE_AT = 2, 6, 3
-VOCAB, SEQ = 97, 17
+SEQ = 17
 NAMES = {"zero3": "zero3_scale_bf16.json", "zero2": "zero2_scale_bf16.json"}
 
 
@@ -47,22 +48,8 @@ def config(name: str) -> dict:
     return ds
 
 
-def llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=36, intermediate_size=50, num_hidden_layers=2, num_attention_heads=3,
-        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-
-
-def schedule(step: int) -> float:
-    return 1.0 - 0.1 * step
-
-
-def batch(step: int, micro: int, rank: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
-    return torch.randint(0, VOCAB, (2, SEQ), generator=generator)
+def rank_batch(step: int, micro: int, rank: int) -> torch.Tensor:
+    return batches(1, 2, seq_len=SEQ, seed=1000 * step + 10 * micro + rank)[0]
 
 
 # ---------------------------------------------------------------- in the ranks
@@ -75,16 +62,11 @@ def build(name: str):
     from scale_zero import SCALE, initialize, scale_param_groups
 
     ds = config(name)
-    torch.manual_seed(0)
-    initial = LlamaForCausalLM(llama_config()).state_dict()
-    stage3 = ds["zero_optimization"]["stage"] == 3
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage3):
-        model = LlamaForCausalLM(llama_config())
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=stage3):
-        if not stage3 or torch.distributed.get_rank() == 0:
-            model.load_state_dict(initial)
+    torch.manual_seed(0)  # whatever the weights, the ranks record them and the replay starts from them
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=ds["zero_optimization"]["stage"] == 3):
+        model = LlamaForCausalLM(tiny_llama_config())
     opt = SCALE(scale_param_groups(model), lr=LR, momentum=MOMENTUM, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.1 * step)
     engine, *_ = initialize(model=model, optimizer=opt, lr_scheduler=scheduler, config=ds)
     return engine, opt
 
@@ -120,13 +102,11 @@ def record(engine, opt) -> list:
 
 
 def train(engine, steps) -> None:
-    import torch.distributed as dist
-
-    for step in steps:
-        for micro in range(ACCUMULATION):
-            ids = batch(step, micro, dist.get_rank())
-            engine.backward(engine(input_ids=ids, labels=ids).loss)
-            engine.step()
+    rank = torch.distributed.get_rank()
+    for step, micro in itertools.product(steps, range(ACCUMULATION)):  # DeepSpeed steps at the last micro-batch
+        ids = rank_batch(step, micro, rank)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
 
 
 def flats_and_state(engine, opt) -> list:
@@ -173,7 +153,7 @@ def fsdp_run() -> dict:
     args = parse_args(["--backend", "fsdp", "--master-weights", "bf16", "--global-batch-size", "4",
                        "--micro-batch-size", "1", "--seq-len", str(SEQ), "--steps", str(STEPS),
                        "--lr", str(LR), "--adam-lr", str(ADAM_LR), "--weight-decay", str(WEIGHT_DECAY)])
-    engine = FSDPEngine(resolve(args, {}, llama_config(), dist.get_world_size()), torch.device("cpu"))
+    engine = FSDPEngine(resolve(args, {}, tiny_llama_config(), dist.get_world_size()), torch.device("cpu"))
     opt, model = engine.optimizer, engine.model
     role = {id(p): (g["role"], g) for g in opt.param_groups for p in g["params"]}
     calls, pending, stored = [], {}, set()
@@ -192,7 +172,7 @@ def fsdp_run() -> dict:
     opt.register_step_pre_hook(before)
     opt.register_step_post_hook(after)
     for step in range(STEPS):
-        engine.train_step([batch(step, micro, dist.get_rank()) for micro in range(2)])
+        engine.train_step([rank_batch(step, micro, dist.get_rank()) for micro in range(2)])
     stored |= {str(v.dtype) for state in opt.state.values() for v in state.values() if torch.is_tensor(v)}
     return {"fsdp": {"calls": calls, "stored": sorted(stored)}}
 
