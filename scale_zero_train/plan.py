@@ -17,9 +17,9 @@ meta device) and each engine's partitioning rules:
             transient, per module.
 
 Master-free bf16 (`master_weights="bf16"`: configs/zero*_scale_bf16.json, the trainer's
---master-weights bf16; docs/optimizer.md, "Master-free bf16"): no fp32 copy anywhere. ZeRO-3
-steps the bf16 partition itself (no master), ZeRO-1/2 a bf16 master slice next to the whole
-bf16 parameters, FSDP2 bf16 shards; gradients and optimizer state are bf16.
+--master-weights bf16; docs/optimizer.md, "Master-free bf16"): no fp32 copy anywhere. ZeRO
+keeps a bf16 master partition (ZeRO-3) or slice (ZeRO-1/2) next to the bf16 parameters,
+FSDP2 bf16 shards and nothing else; gradients and optimizer state are bf16.
 
 SCALE's state is the output layer's fp32 momentum plus AdamW's two fp32 moments of the 1-D
 parameters; AdamW keeps two fp32 moments of every parameter. Activations are measured, not
@@ -140,9 +140,8 @@ class EngineConfig:
 
     @property
     def master_bytes(self) -> int:
-        """Per element of the partition: none in fp32 or master-free ZeRO-3 (the partition
-        is stepped itself), a bf16 slice under master-free ZeRO-1/2, else fp32."""
-        if self.precision == "fp32" or (self.master_free and self.engine == "zero3"):
+        """Per element of the partition: none in fp32, a bf16 copy master-free, else fp32."""
+        if self.precision == "fp32":
             return 0
         return 2 if self.master_free else 4
 

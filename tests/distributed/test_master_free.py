@@ -2,9 +2,9 @@
 configs/zero2_scale_bf16.json), on real gloo processes and DeepSpeed's CPU accelerator.
 
 A tiny LLaMA with odd sizes (parameters straddle rank boundaries) trains 6 steps of 2
-micro-batches under a schedule, with bf16 weights, bf16 "masters" (ZeRO-3: the bf16
-partition itself), bf16 gradients and SCALE's state in bf16. Each rank records, for every
-SCALE call, the gradient and the parameter values of its pieces before and after the
+micro-batches under a schedule, with bf16 weights, masters, gradients and SCALE state (and
+FSDP2 through the trainer's engine with --master-weights bf16). Each rank records, for
+every SCALE call, the gradient and the parameter values of its pieces before and after the
 update; pytest reassembles the full tensors and replays the same gradients through a
 single-process master-free SCALE:
 
