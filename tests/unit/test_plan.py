@@ -32,15 +32,18 @@ def test_parameter_counts_on_meta(size, millions):
 
 def test_states_match_real_engines():
     """Per-rank bytes of parameters, fp32 master, gradients and optimizer state counted on real
-    DeepSpeed ZeRO-2 and ZeRO-3 engines and FSDP2 on 2 ranks (benchmarks/memory_model.py)."""
+    DeepSpeed ZeRO-2 and ZeRO-3 engines and FSDP2 on 2 ranks (benchmarks/memory_model.py),
+    and master-free bf16 (SCALE) under ZeRO-3 and FSDP2."""
     for rank, measured in enumerate(run_distributed(count_engine_states, 2)):
-        assert {engine for engine, _ in measured} == {"zero2", "zero3", "fsdp2"}
+        assert {engine for engine, _ in measured} == {"zero2", "zero3", "fsdp2", "zero3-bf16", "fsdp2-bf16"}
         for (engine, optimizer), counts in measured.items():
             expected = model_counts(engine, optimizer, 2)
             for key, value in counts.items():
                 assert value == pytest.approx(expected[key], rel=0.01), (rank, engine, optimizer, key)
-            # SCALE's state (output momentum + 1-D AdamW moments) is a small part of AdamW's.
-            assert measured[engine, "scale"]["optimizer"] < 0.25 * measured[engine, "adamw"]["optimizer"]
+            if engine.endswith("-bf16"):  # the same state in bf16
+                assert 2 * counts["optimizer"] == measured[engine.removesuffix("-bf16"), "scale"]["optimizer"]
+            else:  # SCALE's state (output momentum + 1-D AdamW moments) is a small part of AdamW's.
+                assert measured[engine, "scale"]["optimizer"] < 0.25 * measured[engine, "adamw"]["optimizer"]
 
 
 def test_activations_match_real_step_peak():
