@@ -21,6 +21,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def dtensor_offset(p: DTensor) -> int:
+    """Where this rank's piece of a 1-D DTensor starts in the full tensor."""
+    return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1][0]
+
+
 def dtensor_layout(p: DTensor) -> ShardLayout:
     """The block of the `(size(0), -1)` matrix that this rank's `p.to_local()` holds."""
     shape = matrix_shape(p.shape)

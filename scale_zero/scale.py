@@ -27,9 +27,10 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from scale_zero import native
-from scale_zero.dtensor import dtensor_layout, local_tensor
+from scale_zero.dtensor import dtensor_layout, dtensor_offset, local_tensor
 from scale_zero.param_groups import normalized_shape, param_shape
-from scale_zero.shard_layout import CommStats, ShardLayout, batched_rms
+from scale_zero.rounding import block_index, round_into_, stream_key
+from scale_zero.shard_layout import Block, CommStats, ShardLayout, batched_rms
 
 ROLES = ("matrix", "embedding", "output", "vector")
 # The dim each role's RMS reduces over: matrix and output rows, embedding columns.
@@ -87,6 +88,91 @@ def adamw_update_(
     torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
+# ---------------------------------------------------------------- bf16 storage, chunk by chunk in fp32
+
+# The most elements one fp32 temporary of the bf16 path holds (16 MiB): whole rows, at least one.
+CHUNK_NUMEL = 1 << 22
+# Which stored tensor a rounding stream is for: the same element of each gets its own bits.
+PARAM, FIRST_MOMENT, SECOND_MOMENT = range(3)
+
+
+def row_chunks(block: Block) -> list[Block]:
+    """`block` as runs of whole rows of at most CHUNK_NUMEL elements (at least one row each)."""
+    width = block.c1 - block.c0
+    rows = max(1, CHUNK_NUMEL // max(1, width))
+    return [
+        Block(r, min(block.r1, r + rows), block.c0, block.c1, block.offset + (r - block.r0) * width)
+        for r in range(block.r0, block.r1, rows)
+    ]
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How a bf16 write of step `step` rounds: stochastically from `seed`, or (None) to nearest."""
+
+    seed: int
+    step: int
+
+    def key(self, shape: tuple[int, int], stored: int) -> int:
+        return stream_key(self.seed, self.step, (*shape, stored))
+
+
+def _write_(rounding: Rounding | None, stored: int, shape: tuple[int, int], chunk: Block,
+            target: torch.Tensor, values: torch.Tensor) -> None:
+    """target = values, rounded as `rounding` says; `chunk` places them in the `shape` matrix."""
+    if rounding is None or target.dtype != torch.bfloat16:
+        target.copy_(values)
+        return
+    index = block_index((chunk.r0, chunk.r1), (chunk.c0, chunk.c1), shape[1], target.device)
+    round_into_(target, values, rounding.key(shape, stored), index)
+
+
+def chunked_momentum_(layout: ShardLayout, m: torch.Tensor, g: torch.Tensor, beta: float,
+                      rounding: Rounding | None) -> None:
+    """`momentum_` on low-precision flats: each chunk in fp32, written back as `rounding` says."""
+    for block in layout.blocks:
+        for chunk in row_chunks(block):
+            m32 = chunk.view(m).float()
+            momentum_(m32, chunk.view(g).float(), beta)
+            _write_(rounding, FIRST_MOMENT, layout.shape, chunk, chunk.view(m), m32)
+
+
+def chunked_normalized_update_(
+    layout: ShardLayout, p: torch.Tensor, s: torch.Tensor, rms: torch.Tensor | None, dim: int | None,
+    lr: float, weight_decay: float, rounding: Rounding | None,
+) -> None:
+    """`normalized_update_` on low-precision flats: each chunk in fp32, written back as
+    `rounding` says."""
+    for block in layout.blocks:
+        for chunk in row_chunks(block):
+            p32 = chunk.view(p).float()
+            one_block = ShardLayout(layout.shape, (chunk._replace(offset=0),))
+            normalized_update_(one_block, p32.view(-1), chunk.view(s).float().view(-1), rms, dim, lr, weight_decay)
+            _write_(rounding, PARAM, layout.shape, chunk, chunk.view(p), p32)
+
+
+def chunked_adamw_update_(
+    ranges: Sequence[tuple[int, ShardLayout]], p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+    step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, rounding: Rounding | None,
+) -> None:
+    """`adamw_update_` of one low-precision flat holding `ranges` (offset, (1, n) layout) of
+    vectors: each chunk in fp32, parameter and moments written back as `rounding` says."""
+    for offset, layout in ranges:
+        for block in layout.blocks:
+            for chunk in row_chunks(block):
+                chunk = chunk._replace(offset=offset + chunk.offset)
+                tensors = [chunk.view(t) for t in (p, g, m, v)]
+                p32, g32, m32, v32 = (t.float() for t in tensors)
+                adamw_update_([p32], [g32], [m32], [v32], [step], lr, betas, eps, weight_decay)
+                for stored, target, values in ((PARAM, tensors[0], p32), (FIRST_MOMENT, tensors[2], m32),
+                                               (SECOND_MOMENT, tensors[3], v32)):
+                    _write_(rounding, stored, layout.shape, chunk, target, values)
+
+
+def stored_in_fp32(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.dtype == torch.float32 for t in tensors)
+
+
 # ---------------------------------------------------------------- what the step works on
 
 
@@ -120,6 +206,7 @@ class _Piece:
     lr: float
     weight_decay: float
     beta: float
+    rounding: Rounding | None = None  # how bf16 writes round (low-precision pieces only)
 
     @property
     def direction(self) -> torch.Tensor:
@@ -160,7 +247,14 @@ class SCALE(Optimizer):
     `comm_stats` counts the collectives of one whole optimizer step. An engine may call
     `step` once per (sub-)group of its flat partitions (ZeRO); so a call joins the current
     count, and a new count starts only when a call holds a tensor the current count
-    already stepped: the next engine step (or, without an engine, every step)."""
+    already stepped: the next engine step (or, without an engine, every step).
+
+    bf16 storage (master-free: ZeRO's bf16 flats, FSDP2's bf16 shards, a bf16 model) is
+    stepped chunk by chunk in fp32 and written back with stochastic rounding, seeded by
+    `rounding_seed`, the tensor's step count and each element's place in its parameter
+    (`scale_zero.rounding`); `stochastic_rounding=False` rounds to nearest instead.
+    `state_dtype` is the dtype of the momentum and AdamW moments; None: that of a bound
+    flat (DeepSpeed hands SCALE bf16 flats only with "bf16_optimizer_states"), else fp32."""
 
     def __init__(
         self,
@@ -173,12 +267,16 @@ class SCALE(Optimizer):
         eps: float = 1e-8,
         norm_dims: dict[str, int | None] | None = None,
         momentum_roles: tuple[str, ...] = ("output",),
+        stochastic_rounding: bool = True,
+        rounding_seed: int = 0,
+        state_dtype: torch.dtype | None = None,
     ):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.peak_lr = lr
+        self.stochastic_rounding, self.rounding_seed, self.state_dtype = stochastic_rounding, rounding_seed, state_dtype
         self.norm_dims = {**NORM_DIMS, **(norm_dims or {})}
         self.momentum_roles = tuple(momentum_roles)
         for role in [*self.norm_dims, *self.momentum_roles]:
@@ -239,6 +337,7 @@ class SCALE(Optimizer):
                 pieces += self._pieces(group, units)
             units_stepped += units
 
+        pieces = self._step_low_precision(pieces)
         # Pieces whose RMS is local: the fused kernel does all of the below in one pass.
         native.normalized_step_(_kernel_blocks([p for p in pieces if _fused(p)]))
         pieces = [p for p in pieces if not _fused(p)]
@@ -276,50 +375,93 @@ class SCALE(Optimizer):
     def _unit(self, p: torch.Tensor, role: str) -> _Unit | None:
         if p.grad is None:
             return None
-        if p in self._flats:
-            return _Unit(p, p, p.grad.float(), self._flats[p])
+        if p in self._flats:  # a bf16 flat (master-free ZeRO) keeps its bf16 gradient
+            return _Unit(p, p, p.grad if p.dtype == torch.bfloat16 else p.grad.float(), self._flats[p])
         local, grad = local_tensor(p), local_tensor(p.grad)
         pieces = []
         if role != "vector":
             layout = dtensor_layout(p) if isinstance(p, DTensor) else ShardLayout.whole(normalized_shape(p, role))
             pieces = [(0, layout)]
+        if local.dtype == torch.bfloat16:  # stepped as bf16 storage, in place when contiguous
+            if role == "vector" and isinstance(p, DTensor):  # where its elements are, for the rounding
+                start = dtensor_offset(p)
+                pieces = [(0, ShardLayout.flat_range((1, p.numel()), start, start + local.numel()))]
+            exact = local.is_contiguous()
+            param = local.view(-1) if exact else local.detach().clone(memory_format=torch.contiguous_format).view(-1)
+            return _Unit(p, param, grad.reshape(-1), pieces, None if exact else local)
         exact = local.dtype == torch.float32 and local.is_contiguous()
         param = local.view(-1) if exact else local.detach().float().reshape(-1)
         return _Unit(p, param, grad.float().reshape(-1), pieces, None if exact else local)
 
     def _state(self, unit: _Unit, name: str) -> torch.Tensor:
-        """A fp32 buffer shaped like the unit's local values (a DTensor for a DTensor)."""
+        """A buffer shaped like the unit's local values (a DTensor for a DTensor), in
+        `state_dtype`: by default a bound flat's dtype, else fp32."""
         state = self.state[unit.key]
         if name not in state:
-            state[name] = torch.zeros_like(unit.key, dtype=torch.float32, memory_format=torch.contiguous_format)
+            dtype = self.state_dtype or (unit.param.dtype if unit.key in self._flats else torch.float32)
+            state[name] = torch.zeros_like(unit.key, dtype=dtype, memory_format=torch.contiguous_format)
         return local_tensor(state[name]).view(-1)
+
+    def _count_unit_step(self, unit: _Unit) -> int:
+        """The unit's step count, this step included: AdamW's t, and the step the rounding
+        of bf16 storage is drawn for (in the state, so a resumed run draws the same bits)."""
+        state = self.state[unit.key]
+        state["step"] = state.get("step", 0) + 1
+        return state["step"]
+
+    def _rounding(self, step: int) -> Rounding | None:
+        return Rounding(self.rounding_seed, step) if self.stochastic_rounding else None
+
+    def _step_low_precision(self, pieces: list[_Piece]) -> list[_Piece]:
+        """Step the pieces with bf16 storage (parameter, gradient or momentum) in fp32 chunks,
+        with their own batched RMS (one all_reduce per process group); return the others."""
+        low = [piece for piece in pieces if not stored_in_fp32(piece.param, piece.grad, piece.momentum)]
+        for piece in low:
+            if piece.momentum is not None:
+                chunked_momentum_(piece.layout, piece.momentum, piece.grad, piece.beta, piece.rounding)
+        rms = iter(batched_rms(
+            [(piece.layout, piece.direction, piece.dim) for piece in low if piece.dim is not None], self.comm_stats
+        ))
+        for piece in low:
+            chunked_normalized_update_(
+                piece.layout, piece.param, piece.direction, None if piece.dim is None else next(rms), piece.dim,
+                piece.lr, piece.weight_decay, piece.rounding,
+            )
+        return [piece for piece in pieces if stored_in_fp32(piece.param, piece.grad, piece.momentum)]
 
     def _pieces(self, group: dict, units: list[_Unit]) -> list[_Piece]:
         role = group["role"]
         pieces = []
         for unit in units:
             momentum = self._state(unit, "momentum_buffer") if role in self.momentum_roles else None
+            bf16_writes = self.stochastic_rounding and not stored_in_fp32(unit.param, momentum)
+            rounding = self._rounding(self._count_unit_step(unit)) if bf16_writes else None
             pieces += [
                 _Piece(
                     layout, unit.piece(unit.param, offset, layout), unit.piece(unit.grad, offset, layout),
                     None if momentum is None else unit.piece(momentum, offset, layout),
-                    self.norm_dims[role], group["lr"], group["weight_decay"], group["momentum"],
+                    self.norm_dims[role], group["lr"], group["weight_decay"], group["momentum"], rounding,
                 )
                 for offset, layout in unit.pieces
             ]
         return pieces
 
     def _adamw(self, group: dict, units: list[_Unit]) -> None:
+        lr = adamw_lr(group["adam_lr"], group["lr"], self.peak_lr)
+        moments = [(self._state(u, "exp_avg"), self._state(u, "exp_avg_sq")) for u in units]
+        fp32 = [stored_in_fp32(u.param, u.grad, *m) for u, m in zip(units, moments)]
+        for unit, (m, v), in_fp32 in zip(units, moments, fp32):
+            if not in_fp32:  # bf16 storage: chunk by chunk in fp32
+                step = self._count_unit_step(unit)
+                ranges = unit.pieces or [(0, ShardLayout.whole((1, unit.param.numel())))]
+                chunked_adamw_update_(ranges, unit.param, unit.grad, m, v, step, lr, group["betas"], group["eps"],
+                                      group["weight_decay"], self._rounding(step))
+        units = [u for u, in_fp32 in zip(units, fp32) if in_fp32]
+        moments = [m for m, in_fp32 in zip(moments, fp32) if in_fp32]
         if not units:
             return
-        steps = []
-        for unit in units:
-            state = self.state[unit.key]
-            state["step"] = state.get("step", 0) + 1
-            steps.append(state["step"])
+        steps = [self._count_unit_step(unit) for unit in units]
         adamw_update_(
-            [u.param for u in units], [u.grad for u in units],
-            [self._state(u, "exp_avg") for u in units], [self._state(u, "exp_avg_sq") for u in units],
-            steps, adamw_lr(group["adam_lr"], group["lr"], self.peak_lr), group["betas"], group["eps"],
-            group["weight_decay"],
+            [u.param for u in units], [u.grad for u in units], [m for m, _ in moments], [v for _, v in moments],
+            steps, lr, group["betas"], group["eps"], group["weight_decay"],
         )

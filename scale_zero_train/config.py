@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers import LlamaConfig
 
 from scale_zero_train.errors import ConfigError, fail
-from scale_zero_train.vocab import BACKENDS, MODEL_SIZES, OPTIMIZERS, load_json, load_model_config
+from scale_zero_train.vocab import BACKENDS, MASTER_WEIGHTS, MODEL_SIZES, OPTIMIZERS, load_json, load_model_config
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_args", "resolve"]
 
@@ -98,6 +98,11 @@ class Model:
     activation_checkpointing: bool = field(default=False, metadata=DEEPSPEED)
     """recompute each decoder layer in backward (default: on if the DeepSpeed config has an
     activation_checkpointing section)"""
+    master_weights: str = field(default="fp32", metadata={**DEEPSPEED, "choices": MASTER_WEIGHTS})
+    """fp32: fp32 master weights and gradients; bf16: master-free, weights, gradients and SCALE's state in bf16,
+    updates stochastically rounded; bf16-nearest: the same rounded to nearest (an ablation). fsdp: how the shards
+    are stored; deepspeed: default and must match the JSON's bf16.bf16_master_weights_and_grads
+    (configs/zero3_scale_bf16.json)"""
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,8 @@ def _deepspeed_values(args: argparse.Namespace, ds: dict, world_size: int) -> di
     derives it), train_micro_batch_size_per_gpu, gradient_clipping, bf16.enabled (absent:
     off, as in DeepSpeed) and the presence of an activation_checkpointing section."""
     found = {"bf16": bool(ds.get("bf16", {}).get("enabled", False)),
-             "activation_checkpointing": "activation_checkpointing" in ds}
+             "activation_checkpointing": "activation_checkpointing" in ds,
+             "master_weights": "bf16" if ds.get("bf16", {}).get("bf16_master_weights_and_grads") else "fp32"}
     for name, key in (("global_batch_size", "train_batch_size"), ("micro_batch_size", "train_micro_batch_size_per_gpu")):
         if isinstance(ds.get(key), int):
             found[name] = ds[key]
@@ -352,6 +358,24 @@ def _check_deepspeed_json(args: argparse.Namespace, ds: dict, bf16: bool) -> Non
         raise ConfigError(f"DeepSpeed config {args.config} enables fp16 and bf16 is requested; use one (this trainer uses bf16)")
 
 
+def _check_master_weights(model: Model, optim: Optimizer, ds: dict | None) -> None:
+    if model.master_weights == "fp32":
+        if ds is not None and ds.get("bf16", {}).get("bf16_master_weights_and_grads"):
+            raise ConfigError("the DeepSpeed config keeps bf16 master weights but --master-weights is fp32: drop "
+                              "--master-weights fp32, or use a config with fp32 masters (configs/zero3_scale.json)")
+        return
+    if optim.optimizer == "adamw":
+        raise ConfigError(f"--master-weights {model.master_weights} is for SCALE (its bf16 writes round "
+                          "stochastically); AdamW needs --master-weights fp32")
+    if not model.bf16:
+        raise ConfigError(f"--master-weights {model.master_weights} needs bf16 compute: drop --no-bf16")
+    bf16 = (ds or {}).get("bf16", {})
+    if ds is not None and not (bf16.get("bf16_master_weights_and_grads") and bf16.get("bf16_optimizer_states")):
+        raise ConfigError(f"--master-weights {model.master_weights} needs the DeepSpeed config's bf16 section to "
+                          "set bf16_master_weights_and_grads and bf16_optimizer_states: use "
+                          "configs/zero3_scale_bf16.json or configs/zero2_scale_bf16.json")
+
+
 def _section(cls, values: dict):
     """The section from the given values; a field left unset (None) where it has a default takes that default."""
     return cls(**{f.name: f.default if values[f.name] is None else values[f.name] for f in dataclasses.fields(cls)})
@@ -402,6 +426,7 @@ def resolve(args: argparse.Namespace, deepspeed_json: dict, model_config: LlamaC
             f"{schedule.micro_batch_size} x {world_size} data-parallel ranks = {per_pass}; choose a global batch "
             f"that is a multiple of {per_pass} (gradient accumulation = global / (micro x ranks))"
         )
+    _check_master_weights(sections["model"], optim, deepspeed_json if args.backend == "deepspeed" else None)
     stop_after = sections["run"].stop_after
     if stop_after is not None and not 0 < stop_after <= schedule.steps:
         raise ConfigError(f"--stop-after must be in [1, --steps={schedule.steps}], got {stop_after}")

@@ -94,7 +94,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 def _build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    return build_optimizer(o.optimizer, model, o.lr, o.adam_lr, o.momentum, o.weight_decay)
+    return build_optimizer(o.optimizer, model, o.lr, o.adam_lr, o.momentum, o.weight_decay, cfg.model.master_weights)
 
 
 def _build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -204,6 +204,8 @@ class FSDPEngine(_Common):
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg.model_config)
+        if cfg.model.master_weights != "fp32":
+            store_parameters_in_bf16(model)
         _enable_checkpointing(cfg, model)
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.model.bf16
                   else MixedPrecisionPolicy())
@@ -265,6 +267,18 @@ class FSDPEngine(_Common):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(strict=False))
         client = safe_load(Path(folder) / "client_state.pt")
         self.scheduler.load_state_dict(client["scheduler"])
+
+
+def store_parameters_in_bf16(model: nn.Module) -> None:
+    """Master-free FSDP2: the parameters themselves in bf16 (so the shards, their gradients
+    and SCALE's updates are bf16, with no fp32 copy); buffers (RoPE's inverse frequencies)
+    keep their dtype. A weight shared by two modules stays shared."""
+    converted = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in converted:
+                converted[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
+            module.register_parameter(name, converted[id(p)])
 
 
 def build_engine(cfg: TrainConfig, device: torch.device) -> Engine:

@@ -25,11 +25,15 @@ SCALE_VARIANTS = {
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, adam_lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+                    weight_decay: float, master_weights: str = "fp32") -> torch.optim.Optimizer:
+    """`master_weights` (scale_zero_train.vocab.MASTER_WEIGHTS): "bf16" keeps SCALE's state in
+    bf16 with stochastic rounding, "bf16-nearest" rounds to nearest."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    master_free = master_weights != "fp32"
     return SCALE(scale_param_groups(model), lr=lr, momentum=momentum, adam_lr=adam_lr,
-                 weight_decay=weight_decay, **SCALE_VARIANTS[name])
+                 weight_decay=weight_decay, stochastic_rounding=master_weights != "bf16-nearest",
+                 state_dtype=torch.bfloat16 if master_free else None, **SCALE_VARIANTS[name])
 
 
 def lr_lambda(steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:

@@ -16,6 +16,11 @@ meta device) and each engine's partitioning rules:
             fp32 (the sharded parameter is the master), fp32 gradients; bf16 copies are
             transient, per module.
 
+Master-free bf16 (`master_weights="bf16"`: configs/zero*_scale_bf16.json, the trainer's
+--master-weights bf16; docs/optimizer.md, "Master-free bf16"): no fp32 copy anywhere. ZeRO
+keeps a bf16 master partition (ZeRO-3) or slice (ZeRO-1/2) next to the bf16 parameters,
+FSDP2 bf16 shards and nothing else; gradients and optimizer state are bf16.
+
 SCALE's state is the output layer's fp32 momentum plus AdamW's two fp32 moments of the 1-D
 parameters; AdamW keeps two fp32 moments of every parameter. Activations are measured, not
 guessed: one forward and backward of the real Hugging Face model runs on fake tensors
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -94,6 +100,7 @@ class EngineConfig:
     reduce_bucket_size: int = DS_DEFAULTS["reduce_bucket_size"]
     prefetch_bucket_size: int = DS_DEFAULTS["prefetch_bucket_size"]
     param_persistence_threshold: int = DS_DEFAULTS["param_persistence_threshold"]
+    master_weights: str = "fp32"  # or "bf16": master-free (see the module docstring)
 
     @classmethod
     def from_ds_config(cls, ds_config: dict | str | Path) -> EngineConfig:
@@ -103,6 +110,7 @@ class EngineConfig:
         stage = zero.get("stage", 0)
         enabled = [name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled")]
         precision = enabled[0] if enabled else "fp32"
+        master_free = ds_config.get("bf16", {}).get("bf16_master_weights_and_grads", False)
 
         def size(key: str, alias: str | None = None) -> int:
             value = zero.get(key, zero.get(alias, DS_DEFAULTS[key]))
@@ -114,6 +122,7 @@ class EngineConfig:
             reduce_bucket_size=size("reduce_bucket_size"),
             prefetch_bucket_size=size("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
             param_persistence_threshold=size("param_persistence_threshold", "stage3_param_persistence_threshold"),
+            master_weights="bf16" if master_free else "fp32",
         )
 
     @property
@@ -121,8 +130,25 @@ class EngineConfig:
         return DTYPE_BYTES[self.precision]
 
     @property
+    def master_free(self) -> bool:
+        return self.master_weights == "bf16"
+
+    @property
     def grad_bytes(self) -> int:
-        return DTYPE_BYTES[self.grad_accum_dtype or self.precision]
+        """ZeRO's gradient partitions; master-free ones are in the masters' bf16."""
+        return 2 if self.master_free else DTYPE_BYTES[self.grad_accum_dtype or self.precision]
+
+    @property
+    def master_bytes(self) -> int:
+        """Per element of the partition: none in fp32, a bf16 copy master-free, else fp32."""
+        if self.precision == "fp32":
+            return 0
+        return 2 if self.master_free else 4
+
+    @property
+    def state_bytes(self) -> int:
+        """Per element of optimizer state."""
+        return 2 if self.master_free else 4
 
 
 @dataclass
@@ -150,10 +176,10 @@ def model_states(params: list[Param], world: int, engine: EngineConfig) -> Model
         shard = {p: math.ceil(p.numel / world) for p in params}  # partition_numel, padding included
         persistent = sum(p.numel for p in params if p.numel <= e.param_persistence_threshold)
         total = sum(shard.values())
-        master = 0 if e.precision == "fp32" else 4 * total
         return ModelStates(
-            params=e.param_bytes * (total + persistent), master=master, grads=e.grad_bytes * total,
-            optimizer=_optimizer_bytes(sum(shard[p] for p in output), sum(shard[p] for p in vector), total),
+            params=e.param_bytes * (total + persistent), master=e.master_bytes * total, grads=e.grad_bytes * total,
+            optimizer=_optimizer_bytes(sum(shard[p] for p in output), sum(shard[p] for p in vector), total,
+                                       e.state_bytes),
         )
     if e.engine in ("zero0", "zero1", "zero2"):
         world = 1 if e.engine == "zero0" else world  # stage 0: every rank holds everything
@@ -162,11 +188,10 @@ def model_states(params: list[Param], world: int, engine: EngineConfig) -> Model
         slices = {role: _partitioned(n, world, align=2) for role, n in groups.items() if n}
         total = sum(slices.values())
         full = sum(p.numel for p in params)
-        master = 0 if e.precision == "fp32" else 4 * total
         return ModelStates(
-            params=e.param_bytes * full, master=master,
+            params=e.param_bytes * full, master=e.master_bytes * total,
             grads=e.grad_bytes * (total if e.engine == "zero2" else full),
-            optimizer=_optimizer_bytes(slices.get("output", 0), slices.get("vector", 0), total),
+            optimizer=_optimizer_bytes(slices.get("output", 0), slices.get("vector", 0), total, e.state_bytes),
         )
     if e.engine == "fsdp2":
         def rows(p: Param) -> int:  # Shard(0): ceil(rows / world) rows on the first ranks
@@ -174,17 +199,19 @@ def model_states(params: list[Param], world: int, engine: EngineConfig) -> Model
 
         shard = {p: rows(p) for p in params}
         total = sum(shard.values())
+        stored = 2 if e.master_free else 4  # the shards are the master weights, their gradients alike
         return ModelStates(
-            params=4 * total, master=0, grads=4 * total,
-            optimizer=_optimizer_bytes(sum(shard[p] for p in output), sum(shard[p] for p in vector), total),
+            params=stored * total, master=0, grads=stored * total,
+            optimizer=_optimizer_bytes(sum(shard[p] for p in output), sum(shard[p] for p in vector), total,
+                                       e.state_bytes),
         )
     raise ValueError(f"unknown engine {e.engine!r}; expected one of {SHARDINGS}")
 
 
-def _optimizer_bytes(output_numel: int, vector_numel: int, total_numel: int) -> dict[str, int]:
+def _optimizer_bytes(output_numel: int, vector_numel: int, total_numel: int, state_bytes: int = 4) -> dict[str, int]:
     return {
-        "scale": 4 * output_numel + 8 * vector_numel,  # output momentum; AdamW moments of 1-D params
-        "adamw": 8 * total_numel,  # exp_avg + exp_avg_sq, fp32
+        "scale": state_bytes * (output_numel + 2 * vector_numel),  # output momentum; AdamW moments of 1-D params
+        "adamw": state_bytes * 2 * total_numel,  # exp_avg + exp_avg_sq
     }
 
 
@@ -366,6 +393,42 @@ def check_fits(
     )
 
 
+def fewest_gpus(
+    model: str | Path | LlamaConfig, micro_batch_size: int, seq_len: int, gpu_memory_gib: float,
+    optimizer: str = "scale", engine: str | EngineConfig = "zero3", activation_checkpointing: bool = False,
+    reserve_gib: float = 2.0, most: int = 4096,
+) -> int | None:
+    """The fewest data-parallel GPUs on which the run fits (None: not even on `most`)."""
+    config = load_model_config(model)
+    engine = engine if isinstance(engine, EngineConfig) else EngineConfig(engine=engine)
+    params = model_params(config)
+    fixed, per_sequence = activation_line(config, seq_len, activation_checkpointing, engine.precision)
+    rest = fixed + per_sequence * micro_batch_size + engine_buffers(params, config, engine) + int(reserve_gib * GIB)
+    for world in range(1, most + 1):
+        states = model_states(params, world, engine)
+        if states.params + states.master + states.grads + states.optimizer[optimizer] + rest <= gpu_memory_gib * GIB:
+            return world
+    return None
+
+
+def format_fewest_gpus(model: str, micro_batch: int, seq_len: int, gpu_memory_gib: float, engines: list[EngineConfig],
+                       checkpointing: bool, reserve_gib: float) -> str:
+    """Per engine and optimizer, the fewest GPUs that fit, with fp32 masters and master-free."""
+    lines = [f"fewest GPUs of {gpu_memory_gib:g} GiB for {model}, micro batch {micro_batch} x {seq_len} tokens"
+             f"{', activation checkpointing' if checkpointing else ''}:",
+             f"{'engine':7} {'optim':6} {'fp32 masters':>13} {'master-free':>12}"]
+    for engine in engines:
+        for optimizer in OPTIMIZERS:
+            counts = [
+                fewest_gpus(model, micro_batch, seq_len, gpu_memory_gib, optimizer,
+                            dataclasses.replace(engine, master_weights=mode), checkpointing, reserve_gib)
+                for mode in ("fp32", "bf16")
+            ]
+            lines.append(f"{engine.engine:7} {optimizer:6} " + " ".join(
+                f"{'-' if n is None else n:>{w}}" for n, w in zip(counts, (13, 12))))
+    return "\n".join(lines)
+
+
 def gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
@@ -380,7 +443,7 @@ def format_plan(model: str, world: int, micro_batch: int, seq_len: int, gpu_memo
     acts = {ac: activation_line(config, seq_len, ac, engines[0].precision) for ac in (False, True)}
     lines = [
         f"{model}: {n / 1e6:.1f}M parameters, {world} ranks, micro batch {micro_batch} x {seq_len} tokens, "
-        f"{engines[0].precision}; GiB per GPU (largest rank)",
+        f"{engines[0].precision}{', master-free' if engines[0].master_free else ''}; GiB per GPU (largest rank)",
         f"activations per micro batch: {gib(acts[False][0] + acts[False][1] * micro_batch)} without, "
         f"{gib(acts[True][0] + acts[True][1] * micro_batch)} with activation checkpointing "
         f"(per sequence {acts[False][1] / 2**20:.1f} / {acts[True][1] / 2**20:.1f} MiB)",
@@ -429,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=sorted(DTYPE_BYTES), default="bf16")
     parser.add_argument("--grad-accum-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
                         help="ZeRO gradient partitions (configs/zero*_scale.json use fp32); FSDP2 keeps fp32")
+    parser.add_argument("--master-weights", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: master-free (bf16 weights, gradients and optimizer state; no fp32 copy)")
+    parser.add_argument("--fewest-gpus", action="store_true",
+                        help="with --gpu-memory: also the fewest GPUs that fit, with fp32 masters and master-free")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept for the CUDA context, NCCL, fragmentation")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="with --gpu-memory: exit 1 if this run does not fit")
@@ -438,12 +505,16 @@ def main(argv: list[str] | None = None) -> int:
         engines = [EngineConfig.from_ds_config(args.ds_config)]
     else:
         engines = [
-            EngineConfig(engine=e, precision=args.precision, grad_accum_dtype=args.grad_accum_dtype)
+            EngineConfig(engine=e, precision=args.precision, grad_accum_dtype=args.grad_accum_dtype,
+                         master_weights=args.master_weights)
             for e in (args.engine or ["zero2", "zero3", "fsdp2"])
         ]
     try:
         print(format_plan(args.model, world, args.micro_batch_size, args.seq_len, args.gpu_memory, engines,
                           args.activation_checkpointing, args.reserve))
+        if args.fewest_gpus and args.gpu_memory is not None:
+            print("\n" + format_fewest_gpus(args.model, args.micro_batch_size, args.seq_len, args.gpu_memory, engines,
+                                            args.activation_checkpointing, args.reserve))
         if args.optimizer and args.gpu_memory is not None:
             for engine in engines:
                 check_fits(args.model, world, args.micro_batch_size, args.seq_len, args.gpu_memory, args.optimizer,

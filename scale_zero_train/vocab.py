@@ -25,6 +25,8 @@ SHARDINGS = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
 # ... and the optimizer states it models, for each optimizer: SGD with momentum on every role
 # keeps one buffer per parameter, which AdamW's bound covers; the SCALE ablations keep at most SCALE's.
 PLANNER_OPTIMIZERS = ("scale", "adamw")
+# Where the weights an update is applied to live (docs/optimizer.md, "Master-free bf16").
+MASTER_WEIGHTS = ("fp32", "bf16", "bf16-nearest")
 PLANNED_STATE = {"scale": "scale", "adamw": "adamw", "colnorm-sgd": "scale", "sgd": "adamw", "row-scale": "scale"}
 
 

@@ -32,15 +32,18 @@ def test_parameter_counts_on_meta(size, millions):
 
 def test_states_match_real_engines():
     """Per-rank bytes of parameters, fp32 master, gradients and optimizer state counted on real
-    DeepSpeed ZeRO-2 and ZeRO-3 engines and FSDP2 on 2 ranks (benchmarks/memory_model.py)."""
+    DeepSpeed ZeRO-2 and ZeRO-3 engines and FSDP2 on 2 ranks (benchmarks/memory_model.py),
+    and master-free bf16 (SCALE) under ZeRO-3 and FSDP2."""
     for rank, measured in enumerate(run_distributed(count_engine_states, 2)):
-        assert {engine for engine, _ in measured} == {"zero2", "zero3", "fsdp2"}
+        assert {engine for engine, _ in measured} == {"zero2", "zero3", "fsdp2", "zero3-bf16", "fsdp2-bf16"}
         for (engine, optimizer), counts in measured.items():
             expected = model_counts(engine, optimizer, 2)
             for key, value in counts.items():
                 assert value == pytest.approx(expected[key], rel=0.01), (rank, engine, optimizer, key)
-            # SCALE's state (output momentum + 1-D AdamW moments) is a small part of AdamW's.
-            assert measured[engine, "scale"]["optimizer"] < 0.25 * measured[engine, "adamw"]["optimizer"]
+            if engine.endswith("-bf16"):  # the same state in bf16
+                assert 2 * counts["optimizer"] == measured[engine.removesuffix("-bf16"), "scale"]["optimizer"]
+            else:  # SCALE's state (output momentum + 1-D AdamW moments) is a small part of AdamW's.
+                assert measured[engine, "scale"]["optimizer"] < 0.25 * measured[engine, "adamw"]["optimizer"]
 
 
 def test_activations_match_real_step_peak():
@@ -120,3 +123,24 @@ def test_ds_config_is_read(tmp_path):
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}}))
     engine = plan.EngineConfig.from_ds_config(path)
     assert (engine.engine, engine.precision, engine.grad_bytes, engine.reduce_bucket_size) == ("zero2", "bf16", 2, 1000)
+
+
+def test_master_free_bf16_states():
+    """configs/zero*_scale_bf16.json: a bf16 master, bf16 gradients and optimizer state;
+    FSDP2: bf16 shards and nothing else."""
+    configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    params = plan.model_params(load_model_config("60m"))
+    n = sum(p.numel for p in params)
+    for stage in (3, 2):
+        engine = plan.EngineConfig.from_ds_config(os.path.join(configs, f"zero{stage}_scale_bf16.json"))
+        fp32 = plan.EngineConfig.from_ds_config(os.path.join(configs, f"zero{stage}_scale.json"))
+        assert engine.master_free and not fp32.master_free
+        free, masters = plan.model_states(params, 1, engine), plan.model_states(params, 1, fp32)
+        assert (free.master, masters.master) == (2 * n, 4 * n)
+        assert (free.grads, masters.grads) == (2 * n, 4 * n)
+        assert 2 * free.optimizer["scale"] == masters.optimizer["scale"]
+    fsdp = plan.model_states(params, 1, plan.EngineConfig(engine="fsdp2", master_weights="bf16"))
+    assert (fsdp.params, fsdp.master, fsdp.grads) == (2 * n, 0, 2 * n)
+    kwargs = dict(micro_batch_size=8, seq_len=256, gpu_memory_gib=24, activation_checkpointing=True)
+    assert plan.fewest_gpus("7b", engine=plan.EngineConfig(master_weights="bf16"), **kwargs) == 2
+    assert plan.fewest_gpus("7b", engine=plan.EngineConfig(), **kwargs) == 4
