@@ -218,13 +218,20 @@ class SCALE(Optimizer):
         self._flats: dict[torch.Tensor, tuple[tuple[int, ShardLayout], ...]] = {}  # see bind_flat
         self._roles: dict[torch.Tensor, str] = {}  # see role_of
         self._model_roles = module_roles(model) if model is not None else {}
+        self._by_shape: list[str] = []  # >=2-D parameters whose role only their shape decided
         self._warned_roles_by_shape = False
+        self._constructed = False
         super().__init__(params, defaults)
-        self._model_roles = {}  # only add_param_group reads it; holding the model's tensors past it is a leak
+        self._constructed = True
+        self._model_roles = {}  # `model=` resolves the groups given here; later groups come with roles or names
+        self._warn_roles_by_shape()
 
     # Attributes of SCALE's own that copies and pickles need (torch.optim keeps only
     # defaults, state and param_groups). `_counted` holds ids: a copy starts a new count.
-    _OWN_STATE = ("norm_dims", "momentum_roles", "comm_stats", "_flats", "_roles", "_warned_roles_by_shape")
+    _OWN_STATE = (
+        "norm_dims", "momentum_roles", "comm_stats", "_flats", "_roles", "_by_shape", "_warned_roles_by_shape",
+        "_constructed",
+    )
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), **{name: self.__dict__[name] for name in self._OWN_STATE}}
@@ -243,19 +250,26 @@ class SCALE(Optimizer):
         group = self.param_groups[-1]
         group.setdefault("peak_lr", _as_float(group["lr"]))
         names = group.get("param_names", [None] * len(group["params"]))
-        guessed = []
         for p, name in zip(group["params"], names, strict=True):
             role = group.get("role") or self._model_roles.get(p) or role_from_name(name)
             if role is None:
                 role = "matrix" if len(param_shape(p)) >= 2 else "vector"
-                guessed += [name or tuple(param_shape(p))] if role == "matrix" else []
+                if role == "matrix":
+                    self._by_shape.append(name or f"a {tuple(param_shape(p))} tensor")
             self._roles[p] = role
-        if guessed and not self._warned_roles_by_shape:
+        if self._constructed:
+            self._warn_roles_by_shape()
+
+    def _warn_roles_by_shape(self) -> None:
+        """ONE warning if >=2-D parameters are matrices by shape alone and nothing (a group's
+        role, `model=`, a name) told SCALE where the input embedding or output layer is."""
+        told = any(role in ("embedding", "output") for role in self._roles.values())
+        if self._by_shape and not told and not self._warned_roles_by_shape:
             self._warned_roles_by_shape = True
             warnings.warn(
-                f"SCALE: no role given for {len(guessed)} >=2-D parameter(s) (e.g. {guessed[0]}): all are "
-                "treated as matrices (row RMS), so an input embedding or output layer among them gets the "
-                "wrong update. Pass scale_param_groups(model), model=model, or named_parameters().",
+                f"SCALE: {len(self._by_shape)} >=2-D parameter(s) without a role (e.g. {self._by_shape[0]}) are "
+                "treated as matrices (row RMS), an input embedding or output layer among them included. "
+                "Pass scale_param_groups(model), model=model, or model.named_parameters().",
                 stacklevel=3,
             )
 
