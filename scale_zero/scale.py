@@ -180,8 +180,9 @@ class SCALE(Optimizer):
     its vectors' AdamW rate is `adam_lr * lr / peak_lr`, or `lr` itself when `adam_lr` is
     None (the default): a group behaves like a SCALE of its own with that lr and adam_lr.
 
-    Ablations: `norm_dims` maps a role to the dim its RMS reduces over (0, 1, or None for
-    no normalization); `momentum_roles` names the roles that keep momentum.
+    Ablations (per group, like every setting): `norm_dims` maps a role to the dim its RMS
+    reduces over (0, 1, or None for no normalization; roles not named keep theirs);
+    `momentum_roles` names the roles that keep momentum.
 
     `comm_stats` counts the collectives of one whole optimizer step. An engine may call
     `step` once per (sub-)group of its flat partitions (ZeRO); so a call joins the current
@@ -205,13 +206,9 @@ class SCALE(Optimizer):
         _check_lr(lr)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.norm_dims = {**NORM_DIMS, **(norm_dims or {})}
-        self.momentum_roles = tuple(momentum_roles)
-        for role in [*self.norm_dims, *self.momentum_roles]:
-            if role not in ROLES[:3]:
-                raise ValueError(f"unknown role {role!r}: ablations apply to {ROLES[:3]}")
         defaults = dict(
             lr=lr, momentum=momentum, adam_lr=adam_lr, weight_decay=weight_decay, betas=betas, eps=eps,
+            norm_dims={**NORM_DIMS, **(norm_dims or {})}, momentum_roles=tuple(momentum_roles),
         )
         self.comm_stats = CommStats()  # collectives of the last optimizer step
         self._counted: set[int] = set()  # ids of the tensors `comm_stats` has stepped
@@ -226,10 +223,20 @@ class SCALE(Optimizer):
         self._model_roles = {}  # `model=` resolves the groups given here; later groups come with roles or names
         self._warn_roles_by_shape()
 
+    @property
+    def norm_dims(self) -> dict[str, int | None]:
+        """The constructor's `norm_dims` (each group holds its own, these by default)."""
+        return self.defaults["norm_dims"]
+
+    @property
+    def momentum_roles(self) -> tuple[str, ...]:
+        """The constructor's `momentum_roles` (each group holds its own, these by default)."""
+        return self.defaults["momentum_roles"]
+
     # Attributes of SCALE's own that copies and pickles need (torch.optim keeps only
     # defaults, state and param_groups). `_counted` holds ids: a copy starts a new count.
     _OWN_STATE = (
-        "norm_dims", "momentum_roles", "comm_stats", "_flats", "_roles", "_by_shape", "_warned_roles_by_shape",
+        "comm_stats", "_flats", "_roles", "_by_shape", "_warned_roles_by_shape",
         "_constructed",
     )
 
@@ -249,6 +256,12 @@ class SCALE(Optimizer):
         super().add_param_group(param_group)  # also splits named_parameters() into params and param_names
         group = self.param_groups[-1]
         group.setdefault("peak_lr", _as_float(group["lr"]))
+        # The ablations, per group like every setting: a group may name only the roles it changes.
+        group["norm_dims"] = {**NORM_DIMS, **group["norm_dims"]}
+        group["momentum_roles"] = tuple(group["momentum_roles"])
+        for role in [*group["norm_dims"], *group["momentum_roles"]]:
+            if role not in ROLES[:3]:
+                raise ValueError(f"unknown role {role!r}: ablations apply to {ROLES[:3]}")
         names = group.get("param_names", [None] * len(group["params"]))
         for p, name in zip(group["params"], names, strict=True):
             role = group.get("role") or self._model_roles.get(p) or role_from_name(name)
@@ -283,8 +296,9 @@ class SCALE(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load, except that state tensors keep their saved dtype: torch casts
         them to the parameter's (bf16 / fp16 / fp64), SCALE's state is fp32 whatever the
-        parameter. Groups saved without `peak_lr` (older checkpoints) keep the current one."""
-        peak_lrs = [group["peak_lr"] for group in self.param_groups]
+        parameter. Settings a saved group lacks (`peak_lr`, the ablations: a checkpoint of an
+        older SCALE) keep their current values."""
+        current = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         saved = {}
 
         def set_state_aside(_optimizer, state_dict):  # after the user's pre-hooks
@@ -303,8 +317,9 @@ class SCALE(Optimizer):
                 self.state[param] = {
                     k: v.to(device=param.device) if torch.is_tensor(v) else v for k, v in value.items()
                 }
-            for group, peak_lr in zip(self.param_groups, peak_lrs, strict=True):
-                group.setdefault("peak_lr", peak_lr)
+            for group, settings in zip(self.param_groups, current, strict=True):
+                for key, value in settings.items():
+                    group.setdefault(key, value)
 
         pre = self.register_load_state_dict_pre_hook(set_state_aside)
         post = self.register_load_state_dict_post_hook(restore_state, prepend=True)
@@ -422,12 +437,12 @@ class SCALE(Optimizer):
     def _pieces(self, group: dict, role: str, units: list[_Unit]) -> list[_Piece]:
         pieces = []
         for unit in units:
-            momentum = self._state(unit, "momentum_buffer") if role in self.momentum_roles else None
+            momentum = self._state(unit, "momentum_buffer") if role in group["momentum_roles"] else None
             pieces += [
                 _Piece(
                     layout, unit.piece(unit.param, offset, layout), unit.piece(unit.grad, offset, layout),
                     None if momentum is None else unit.piece(momentum, offset, layout),
-                    self.norm_dims[role], _as_float(group["lr"]), group["weight_decay"], group["momentum"],
+                    group["norm_dims"][role], _as_float(group["lr"]), group["weight_decay"], group["momentum"],
                 )
                 for offset, layout in unit.pieces
             ]

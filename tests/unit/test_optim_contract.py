@@ -122,7 +122,9 @@ def test_4_copies_and_pickles_keep_scale_settings_and_step_the_same(how):
     opt = SCALE(scale_param_groups(model), **OPT, norm_dims={"matrix": 0}, momentum_roles=("output", "matrix"))
     train(model, opt, DATA[:2])
     twin, twin_opt = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
-    assert (twin_opt.norm_dims, twin_opt.momentum_roles) == (opt.norm_dims, opt.momentum_roles)
+    ablation = [(g["norm_dims"], g["momentum_roles"]) for g in opt.param_groups]
+    assert [(g["norm_dims"], g["momentum_roles"]) for g in twin_opt.param_groups] == ablation
+    assert ablation[0] == ({"matrix": 0, "embedding": 0, "output": 1}, ("output", "matrix"))
     assert [twin_opt.role_of(p) for p in twin.parameters()] == [opt.role_of(p) for p in model.parameters()]
     train(model, opt, DATA[2:])
     train(twin, twin_opt, DATA[2:])
