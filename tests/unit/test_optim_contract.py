@@ -58,7 +58,7 @@ def test_1_resume_keeps_fp32_state_whatever_the_parameter_dtype(dtype):
     assert_same_params(straight, resumed)
 
 
-def test_1_load_state_dict_keeps_torch_hooks_and_does_not_alias_into_other_dtypes():
+def test_1_load_state_dict_hooks_see_the_real_state():
     model = narrow_net().to(torch.bfloat16)
     opt = SCALE(scale_param_groups(model), **OPT)
     train(model, opt, DATA[:1])
@@ -129,7 +129,6 @@ def test_4_copies_and_pickles_keep_scale_settings_and_step_the_same(how):
     train(model, opt, DATA[2:])
     train(twin, twin_opt, DATA[2:])
     assert_same_params(model, twin)
-    assert twin_opt.comm_stats.collectives == opt.comm_stats.collectives
 
 
 def test_5_named_parameters_infer_embedding_and_output_by_name():
