@@ -19,6 +19,7 @@ all_reduce per process group (docs/algorithm.md, "Partial sums").
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from torch.optim import Optimizer
 
 from scale_zero import native
 from scale_zero.dtensor import dtensor_layout, dtensor_offset, local_tensor
-from scale_zero.param_groups import normalized_shape, param_shape
+from scale_zero.param_groups import module_roles, normalized_shape, param_shape, role_from_name
 from scale_zero.rounding import block_index, round_into_, stream_key
 from scale_zero.shard_layout import Block, CommStats, ShardLayout, batched_rms
 
@@ -237,12 +238,38 @@ def _kernel_blocks(pieces: Sequence[_Piece]) -> list[native.KernelBlock]:
     ]
 
 
+def _check_lr(lr: float | torch.Tensor) -> None:
+    """torch.optim's checks (and messages) for `lr`, a float or a 1-element tensor."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not lr > 0:
+        raise ValueError(f"Invalid learning rate: {lr} (SCALE needs lr > 0: the 1-D rate is adam_lr * lr / peak_lr)")
+
+
+def _as_float(value: float | torch.Tensor) -> float:
+    """A group's lr as the number the update takes (a tensor lr is read at each step)."""
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
 class SCALE(Optimizer):
     """SGD with row/column-RMS-normalized gradients, momentum on the output layer only, and
     AdamW for 1-D parameters. Build the param groups with `scale_param_groups(model)`.
 
-    Ablations: `norm_dims` maps a role to the dim its RMS reduces over (0, 1, or None for
-    no normalization); `momentum_roles` names the roles that keep momentum.
+    A torch.optim optimizer like any other: ONE param group per group given, plain
+    parameter lists and `named_parameters()` accepted, `lr` a float or a 1-element tensor,
+    and everything a step depends on in `defaults`, the param groups or `state`, so
+    `state_dict`, `copy.deepcopy` and pickling carry it. A group's `role` applies to all its
+    parameters; in a group without one each parameter's role is inferred (`role_of`):
+    from `model=` by module type, else from its name (`named_parameters()`), else by
+    dimension (>=2-D matrix, 1-D vector; warned once, naming `scale_param_groups(model)`).
+
+    Each group records `peak_lr`, its `lr` when added (like LRScheduler's `initial_lr`);
+    its vectors' AdamW rate is `adam_lr * lr / peak_lr`, or `lr` itself when `adam_lr` is
+    None (the default): a group behaves like a SCALE of its own with that lr and adam_lr.
+
+    Ablations (per group, like every setting): `norm_dims` maps a role to the dim its RMS
+    reduces over (0, 1, or None for no normalization; roles not named keep theirs);
+    `momentum_roles` names the roles that keep momentum.
 
     `comm_stats` counts the collectives of one whole optimizer step. An engine may call
     `step` once per (sub-)group of its flat partitions (ZeRO); so a call joins the current
@@ -259,7 +286,7 @@ class SCALE(Optimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float | torch.Tensor = 1e-3,
         momentum: float = 0.9,
         adam_lr: float | None = None,
         weight_decay: float = 0.0,
@@ -270,39 +297,135 @@ class SCALE(Optimizer):
         stochastic_rounding: bool = True,
         rounding_seed: int = 0,
         state_dtype: torch.dtype | None = None,
+        *,
+        model: torch.nn.Module | None = None,
     ):
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+        _check_lr(lr)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.peak_lr = lr
         self.stochastic_rounding, self.rounding_seed, self.state_dtype = stochastic_rounding, rounding_seed, state_dtype
-        self.norm_dims = {**NORM_DIMS, **(norm_dims or {})}
-        self.momentum_roles = tuple(momentum_roles)
-        for role in [*self.norm_dims, *self.momentum_roles]:
-            if role not in ROLES[:3]:
-                raise ValueError(f"unknown role {role!r}: ablations apply to {ROLES[:3]}")
         defaults = dict(
-            lr=lr, momentum=momentum, adam_lr=lr if adam_lr is None else adam_lr,
-            weight_decay=weight_decay, betas=betas, eps=eps,
+            lr=lr, momentum=momentum, adam_lr=adam_lr, weight_decay=weight_decay, betas=betas, eps=eps,
+            norm_dims={**NORM_DIMS, **(norm_dims or {})}, momentum_roles=tuple(momentum_roles),
         )
         self.comm_stats = CommStats()  # collectives of the last optimizer step
         self._counted: set[int] = set()  # ids of the tensors `comm_stats` has stepped
         self._flats: dict[torch.Tensor, tuple[tuple[int, ShardLayout], ...]] = {}  # see bind_flat
+        self._roles: dict[torch.Tensor, str] = {}  # see role_of
+        self._model_roles = module_roles(model) if model is not None else {}
+        self._by_shape: list[str] = []  # >=2-D parameters whose role only their shape decided
+        self._warned_roles_by_shape = False
+        self._constructed = False
         super().__init__(params, defaults)
+        self._constructed = True
+        self._model_roles = {}  # `model=` resolves the groups given here; later groups come with roles or names
+        self._warn_roles_by_shape()
+
+    @property
+    def norm_dims(self) -> dict[str, int | None]:
+        """The constructor's `norm_dims` (each group holds its own, these by default)."""
+        return self.defaults["norm_dims"]
+
+    @property
+    def momentum_roles(self) -> tuple[str, ...]:
+        """The constructor's `momentum_roles` (each group holds its own, these by default)."""
+        return self.defaults["momentum_roles"]
+
+    # Attributes of SCALE's own that copies and pickles need (torch.optim keeps only
+    # defaults, state and param_groups). `_counted` holds ids: a copy starts a new count.
+    _OWN_STATE = (
+        "comm_stats", "_flats", "_roles", "_by_shape", "_warned_roles_by_shape",
+        "_constructed", "stochastic_rounding", "rounding_seed", "state_dtype",
+    )
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{name: self.__dict__[name] for name in self._OWN_STATE}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_counted", set())
+        self.__dict__.setdefault("_model_roles", {})
 
     def add_param_group(self, param_group: dict) -> None:
-        if "role" in param_group:
-            if param_group["role"] not in ROLES:
-                raise ValueError(f"unknown role {param_group['role']!r}; expected one of {ROLES}")
-            return super().add_param_group(param_group)
-        # No role given: >=2-D parameters are matrices, 1-D ones vectors.
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for role, is_vector in (("matrix", False), ("vector", True)):
-            chosen = [p for p in params if (len(param_shape(p)) < 2) == is_vector]
-            if chosen:
-                super().add_param_group({**param_group, "params": chosen, "role": role})
+        if "role" in param_group and param_group["role"] not in ROLES:
+            raise ValueError(f"unknown role {param_group['role']!r}; expected one of {ROLES}")
+        if "lr" in param_group:
+            _check_lr(param_group["lr"])
+        super().add_param_group(param_group)  # also splits named_parameters() into params and param_names
+        group = self.param_groups[-1]
+        group.setdefault("peak_lr", _as_float(group["lr"]))
+        # The ablations, per group like every setting: a group may name only the roles it changes.
+        group["norm_dims"] = {**NORM_DIMS, **group["norm_dims"]}
+        group["momentum_roles"] = tuple(group["momentum_roles"])
+        for role in [*group["norm_dims"], *group["momentum_roles"]]:
+            if role not in ROLES[:3]:
+                raise ValueError(f"unknown role {role!r}: ablations apply to {ROLES[:3]}")
+        names = group.get("param_names", [None] * len(group["params"]))
+        for p, name in zip(group["params"], names, strict=True):
+            role = group.get("role") or self._model_roles.get(p) or role_from_name(name)
+            if role is None:
+                role = "matrix" if len(param_shape(p)) >= 2 else "vector"
+                if role == "matrix":
+                    self._by_shape.append(name or f"a {tuple(param_shape(p))} tensor")
+            self._roles[p] = role
+        if self._constructed:
+            self._warn_roles_by_shape()
+
+    def _warn_roles_by_shape(self) -> None:
+        """ONE warning if >=2-D parameters are matrices by shape alone and nothing (a group's
+        role, `model=`, a name) told SCALE where the input embedding or output layer is."""
+        told = any(role in ("embedding", "output") for role in self._roles.values())
+        if self._by_shape and not told and not self._warned_roles_by_shape:
+            self._warned_roles_by_shape = True
+            warnings.warn(
+                f"SCALE: {len(self._by_shape)} >=2-D parameter(s) without a role (e.g. {self._by_shape[0]}) are "
+                "treated as matrices (row RMS), an input embedding or output layer among them included. "
+                "Pass scale_param_groups(model), model=model, or model.named_parameters().",
+                stacklevel=3,
+            )
+
+    def role_of(self, param: torch.Tensor) -> str:
+        """The role (one of ROLES) SCALE updates `param` with: its group's `role`, else the
+        one inferred when the group was added."""
+        if param not in self._roles:
+            raise KeyError("this tensor is in none of SCALE's param groups")
+        return self._roles[param]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load, except that state tensors keep their saved dtype: torch casts
+        them to the parameter's (bf16 / fp16 / fp64), SCALE's state is fp32 whatever the
+        parameter. Settings a saved group lacks (`peak_lr`, the ablations: a checkpoint of an
+        older SCALE) keep their current values."""
+        current = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        saved = {}
+
+        def set_state_aside(_optimizer, state_dict):  # after the user's pre-hooks
+            saved.update(state=state_dict["state"], groups=state_dict["param_groups"])
+            return {**state_dict, "state": {}}
+
+        def restore_state(_optimizer):  # before the user's post-hooks
+            ids = [i for group in saved["groups"] for i in group["params"]]
+            params = [p for group in self.param_groups for p in group["params"]]
+            by_id = dict(zip(ids, params, strict=True))
+            for key, value in saved["state"].items():
+                if key not in by_id:
+                    self.state[key] = value  # as torch.optim does (backward compatibility)
+                    continue
+                param = by_id[key]
+                self.state[param] = {
+                    k: v.to(device=param.device) if torch.is_tensor(v) else v for k, v in value.items()
+                }
+            for group, settings in zip(self.param_groups, current, strict=True):
+                for key, value in settings.items():
+                    group.setdefault(key, value)
+
+        pre = self.register_load_state_dict_pre_hook(set_state_aside)
+        post = self.register_load_state_dict_post_hook(restore_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     def bind_flat(self, flat: torch.Tensor, pieces: Sequence[tuple[int, ShardLayout]]) -> None:
         """Declare that the 1-D tensor `flat`, when it comes in a param group, holds these
@@ -330,12 +453,15 @@ class SCALE(Optimizer):
         # Per role, what this rank holds of each parameter with a gradient.
         pieces, vectors, units_stepped = [], [], []
         for group in self.param_groups:
-            units = [u for p in group["params"] if (u := self._unit(p, group["role"])) is not None]
-            if group["role"] == "vector":
-                vectors.append((group, units))
-            else:
-                pieces += self._pieces(group, units)
-            units_stepped += units
+            for role, params in self._params_by_role(group).items():
+                units = [u for p in params if (u := self._unit(p, role)) is not None]
+                for unit in units:  # AdamW's t and the rounding's step; DCP expects state for every tensor
+                    self.state[unit.key]["step"] = self.state[unit.key].get("step", 0) + 1
+                if role == "vector":
+                    vectors.append((group, units))
+                else:
+                    pieces += self._pieces(group, role, units)
+                units_stepped += units
 
         pieces = self._step_low_precision(pieces)
         # Pieces whose RMS is local: the fused kernel does all of the below in one pass.
@@ -402,13 +528,6 @@ class SCALE(Optimizer):
             state[name] = torch.zeros_like(unit.key, dtype=dtype, memory_format=torch.contiguous_format)
         return local_tensor(state[name]).view(-1)
 
-    def _count_unit_step(self, unit: _Unit) -> int:
-        """The unit's step count, this step included: AdamW's t, and the step the rounding
-        of bf16 storage is drawn for (in the state, so a resumed run draws the same bits)."""
-        state = self.state[unit.key]
-        state["step"] = state.get("step", 0) + 1
-        return state["step"]
-
     def _rounding(self, step: int) -> Rounding | None:
         return Rounding(self.rounding_seed, step) if self.stochastic_rounding else None
 
@@ -429,30 +548,44 @@ class SCALE(Optimizer):
             )
         return [piece for piece in pieces if stored_in_fp32(piece.param, piece.grad, piece.momentum)]
 
-    def _pieces(self, group: dict, units: list[_Unit]) -> list[_Piece]:
-        role = group["role"]
+    def _params_by_role(self, group: dict) -> dict[str, list[torch.Tensor]]:
+        """The group's tensors by role, in order: the group's `role`, else each one's own."""
+        by_role: dict[str, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            role = group.get("role") or self._roles.get(p)
+            if role is None:
+                raise RuntimeError(
+                    "SCALE got a tensor in a param group without a role that was not in it when the group "
+                    "was added (an engine's flat partition?): give the group a role, e.g. with "
+                    "scale_param_groups(model)"
+                )
+            by_role.setdefault(role, []).append(p)
+        return by_role
+
+    def _pieces(self, group: dict, role: str, units: list[_Unit]) -> list[_Piece]:
         pieces = []
         for unit in units:
-            momentum = self._state(unit, "momentum_buffer") if role in self.momentum_roles else None
+            momentum = self._state(unit, "momentum_buffer") if role in group["momentum_roles"] else None
             bf16_writes = self.stochastic_rounding and not stored_in_fp32(unit.param, momentum)
-            rounding = self._rounding(self._count_unit_step(unit)) if bf16_writes else None
+            rounding = self._rounding(self.state[unit.key]["step"]) if bf16_writes else None
             pieces += [
                 _Piece(
                     layout, unit.piece(unit.param, offset, layout), unit.piece(unit.grad, offset, layout),
                     None if momentum is None else unit.piece(momentum, offset, layout),
-                    self.norm_dims[role], group["lr"], group["weight_decay"], group["momentum"], rounding,
+                    group["norm_dims"][role], _as_float(group["lr"]), group["weight_decay"], group["momentum"],
+                    rounding,
                 )
                 for offset, layout in unit.pieces
             ]
         return pieces
 
     def _adamw(self, group: dict, units: list[_Unit]) -> None:
-        lr = adamw_lr(group["adam_lr"], group["lr"], self.peak_lr)
+        lr = self._adamw_rate(group)
         moments = [(self._state(u, "exp_avg"), self._state(u, "exp_avg_sq")) for u in units]
         fp32 = [stored_in_fp32(u.param, u.grad, *m) for u, m in zip(units, moments)]
         for unit, (m, v), in_fp32 in zip(units, moments, fp32):
             if not in_fp32:  # bf16 storage: chunk by chunk in fp32
-                step = self._count_unit_step(unit)
+                step = self.state[unit.key]["step"]
                 ranges = unit.pieces or [(0, ShardLayout.whole((1, unit.param.numel())))]
                 chunked_adamw_update_(ranges, unit.param, unit.grad, m, v, step, lr, group["betas"], group["eps"],
                                       group["weight_decay"], self._rounding(step))
@@ -460,8 +593,14 @@ class SCALE(Optimizer):
         moments = [m for m, in_fp32 in zip(moments, fp32) if in_fp32]
         if not units:
             return
-        steps = [self._count_unit_step(unit) for unit in units]
         adamw_update_(
             [u.param for u in units], [u.grad for u in units], [m for m, _ in moments], [v for _, v in moments],
-            steps, lr, group["betas"], group["eps"], group["weight_decay"],
+            [self.state[u.key]["step"] for u in units], lr, group["betas"], group["eps"], group["weight_decay"],
         )
+
+    @staticmethod
+    def _adamw_rate(group: dict) -> float:
+        """The group's 1-D rate: adam_lr * lr / peak_lr, adam_lr None meaning the group's own peak lr."""
+        peak_lr = group["peak_lr"]
+        adam_lr = peak_lr if group["adam_lr"] is None else group["adam_lr"]
+        return adamw_lr(adam_lr, _as_float(group["lr"]), peak_lr)

@@ -91,7 +91,7 @@ def test_known_answer_output_momentum_is_an_ema_without_bias_correction():
     opt.step()  # m = [0.5, 1]: rms = sqrt(1.25 / 2)
     r = math.sqrt(1.25 / 2)
     torch.testing.assert_close(p.detach(), torch.tensor([[-math.sqrt(2) - 0.5 / r, -1 / r]]))
-    assert set(opt.state[p]) == {"momentum_buffer"}
+    assert set(opt.state[p]) == {"momentum_buffer", "step"}  # one buffer; the step count every tensor keeps
 
 
 def test_known_answer_vector_adamw_eps_before_bias_correction_and_scheduled_lr():
@@ -195,10 +195,14 @@ def test_ablations(variant):
     assert ("momentum_buffer" in opt.state[p]) == (variant == "sgd_momentum")
 
 
-def test_groups_without_role_split_by_dimension_and_bad_role_is_refused():
+def test_a_group_without_role_stays_one_group_roles_by_dimension_and_bad_role_is_refused():
     model = narrow_net()
-    opt = SCALE(model.parameters(), lr=0.1)
-    assert [g["role"] for g in opt.param_groups] == ["matrix", "vector"]
+    with pytest.warns(UserWarning, match=r"scale_param_groups\(model\)"):
+        opt = SCALE(model.parameters(), lr=0.1)
+    assert len(opt.param_groups) == 1 and "role" not in opt.param_groups[0]
+    assert [opt.role_of(p) for p in model.parameters()] == [
+        "matrix" if p.dim() >= 2 else "vector" for p in model.parameters()
+    ]
     with pytest.raises(ValueError, match="unknown role"):
         SCALE([{"params": list(model.parameters()), "role": "bias"}], lr=0.1)
     with pytest.raises(ValueError, match="ablations apply"):
