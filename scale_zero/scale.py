@@ -19,6 +19,7 @@ all_reduce per process group (docs/algorithm.md, "Partial sums").
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -192,6 +193,9 @@ class SCALE(Optimizer):
         self._counted: set[int] = set()  # ids of the tensors `comm_stats` has stepped
         self._flats: dict[torch.Tensor, tuple[tuple[int, ShardLayout], ...]] = {}  # see bind_flat
         super().__init__(params, defaults)
+        # The parameters SCALE was built with, and their roles: an engine (DeepSpeed ZeRO) may
+        # later put its own flat partitions into param_groups instead (described at the first step).
+        self._roles_built_with = {p: group["role"] for group in self.param_groups for p in group["params"]}
 
     def add_param_group(self, param_group: dict) -> None:
         if "role" in param_group:
@@ -205,6 +209,11 @@ class SCALE(Optimizer):
             chosen = [p for p in params if (len(param_shape(p)) < 2) == is_vector]
             if chosen:
                 super().add_param_group({**param_group, "params": chosen, "role": role})
+
+    def role_of(self, param: torch.Tensor) -> str:
+        """The role of a parameter SCALE was built with (also once an engine has replaced
+        the param groups' contents with its flat partitions)."""
+        return self._roles_built_with[param]
 
     def bind_flat(self, flat: torch.Tensor, pieces: Sequence[tuple[int, ShardLayout]]) -> None:
         """Declare that the 1-D tensor `flat`, when it comes in a param group, holds these
@@ -227,6 +236,7 @@ class SCALE(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._describe_engine_flats()
         self._count_step()
 
         # Per role, what this rank holds of each parameter with a gradient.
@@ -264,6 +274,17 @@ class SCALE(Optimizer):
             if unit.write_back is not None:
                 unit.write_back.copy_(unit.param.view(unit.write_back.shape))
         return loss
+
+    def _describe_engine_flats(self) -> None:
+        """A tensor SCALE was neither built with nor bound to is an engine's flat partition:
+        DeepSpeed ZeRO's, the only engine that hands the step flats, describes them
+        (`scale_zero.deepspeed_zero.bind_at_first_step`) the first time one comes."""
+        held = [p for group in self.param_groups for p in group["params"]]
+        if all(p in self._flats or p in self._roles_built_with for p in held) or "deepspeed" not in sys.modules:
+            return
+        from scale_zero.deepspeed_zero import bind_at_first_step
+
+        bind_at_first_step(self)
 
     def _count_step(self) -> None:
         """Start a new `comm_stats` count if this call holds a tensor the current one stepped."""
