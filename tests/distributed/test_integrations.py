@@ -1,0 +1,189 @@
+"""SCALE where Hugging Face users train (issue 11): the Trainer (`SCALETrainer`) under
+DeepSpeed ZeRO-3 and under FSDP2, and `accelerator.prepare(model, SCALE(...), loader)`
+with Accelerate's DeepSpeed and FSDP2 plugins, each on 2 gloo ranks with the CPU recipe
+of docs/integrations.md (tests/support/hf_cpu.py), against the single-process reference.
+
+Each rank records the micro-batches it trained on; the reference replays them (a step
+averages both ranks' micro-batches). Two spawns: one for DeepSpeed, one for FSDP2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported, here and in the ranks
+
+from tests.support.distributed import run_distributed  # noqa: E402
+from tests.support.hf_cpu import CONFIGURED_STATE, cpu_state  # noqa: E402
+from tests.support.models import batches, tiny_llama  # noqa: E402
+from tests.support.reference import ReferenceSCALE  # noqa: E402
+
+WORLD, MICRO_BATCH, STEPS = 2, 2, 3
+LR, ADAM_LR, WEIGHT_DECAY = 1e-2, 5e-3, 0.1
+# Several sub-groups, nothing persistent: every role's group is split and every forward gathers.
+ZERO3 = {
+    "zero_optimization": {"stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0},
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto", "bf16": {"enabled": False},
+    "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+}
+
+
+def dataset() -> list[dict]:
+    ids = batches(1, WORLD * MICRO_BATCH * STEPS, seed=3)[0]
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (collectives: all ranks call)."""
+    from deepspeed import DeepSpeedEngine
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, DeepSpeedEngine):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).clone() for n, p in model.module.named_parameters()}
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- in the ranks
+
+
+def trainer_run(tmp, engine: str, how: str) -> dict:
+    """SCALETrainer for STEPS steps; SCALE built by the trainer (`how` "kwargs") or passed in
+    (`how` "optimizers")."""
+    from transformers import TrainingArguments
+
+    from scale_zero import SCALE, scale_param_groups
+    from scale_zero.integrations.hf import SCALETrainer
+
+    cpu_state(engine)
+    backend = {"deepspeed": {"deepspeed": ZERO3},
+               "fsdp": {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}}[engine]
+    args = TrainingArguments(
+        output_dir=str(tmp), per_device_train_batch_size=MICRO_BATCH, max_steps=STEPS, learning_rate=LR,
+        weight_decay=WEIGHT_DECAY, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
+        save_strategy="no", disable_tqdm=True, accelerator_config=CONFIGURED_STATE, **backend,
+    )
+    seen = []
+
+    class Recording(SCALETrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            seen.append(inputs["input_ids"].clone())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    model = tiny_llama(0)
+    if how == "kwargs":
+        trainer = Recording(model=model, args=args, train_dataset=dataset(), scale_kwargs={"adam_lr": ADAM_LR})
+    else:
+        opt = SCALE(scale_param_groups(model), lr=LR, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+        trainer = Recording(model=model, args=args, train_dataset=dataset(), optimizers=(opt, None))
+    trainer.train()
+    return {"seen": seen, "params": full_params(trainer.model_wrapped)}
+
+
+def accelerate_run(engine: str) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from torch.utils.data import DataLoader
+
+    from scale_zero import SCALE, scale_param_groups
+
+    cpu_state(engine)
+    plugin = {"deepspeed": {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config={**ZERO3, "gradient_clipping": 0.0})},
+              "fsdp": {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)}}[engine]
+    accelerator = Accelerator(**plugin)
+    model = tiny_llama(0)
+    opt = SCALE(scale_param_groups(model), lr=LR, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+    loader = DataLoader([row["input_ids"] for row in dataset()], batch_size=MICRO_BATCH)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    seen = []
+    for ids in loader:
+        seen.append(ids.clone())
+        accelerator.backward(model(input_ids=ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad()
+    return {"seen": seen, "params": full_params(model)}
+
+
+def deepspeed_runs(tmp) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from scale_zero import SCALE, scale_param_groups
+    from scale_zero.integrations.hf import check_trainer
+
+    results = {
+        "trainer_kwargs": trainer_run(tmp, "deepspeed", "kwargs"),
+        "trainer_optimizers": trainer_run(tmp, "deepspeed", "optimizers"),
+        "accelerate": accelerate_run("deepspeed"),
+    }
+    # The plain Trainer would drop this SCALE and train AdamW: check_trainer says so.
+    cpu_state("deepspeed")
+    model = tiny_llama(0)
+    args = TrainingArguments(output_dir=str(tmp), deepspeed=ZERO3, report_to=[], accelerator_config=CONFIGURED_STATE)
+    plain = Trainer(model=model, args=args, optimizers=(SCALE(scale_param_groups(model), lr=LR), None))
+    try:
+        check_trainer(plain)
+    except ValueError as error:
+        results["dropped"] = str(error)
+    return results
+
+
+def fsdp_runs(tmp) -> dict:
+    return {"trainer_kwargs": trainer_run(tmp, "fsdp", "kwargs"), "accelerate": accelerate_run("fsdp")}
+
+
+# ---------------------------------------------------------------- in pytest
+
+
+def reference(seen: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Single-process SCALE on what the ranks trained on: step t averages every rank's t-th batch."""
+    from scale_zero import scale_param_groups
+
+    model = tiny_llama(0)
+    roles = [(p, g["role"]) for g in scale_param_groups(model) for p in g["params"]]
+    ref = ReferenceSCALE(roles, lr=LR, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+    for step_batches in zip(*seen, strict=True):
+        model.zero_grad()
+        for ids in step_batches:
+            (model(input_ids=ids, labels=ids).loss / len(step_batches)).backward()
+        ref.step()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def deepspeed(tmp_path_factory):
+    return run_distributed(deepspeed_runs, WORLD, tmp_path_factory.mktemp("hf_deepspeed"))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    return run_distributed(fsdp_runs, WORLD, tmp_path_factory.mktemp("hf_fsdp"))
+
+
+def assert_matches_reference(results: list[dict], run: str) -> None:
+    seen = [rank_result[run]["seen"] for rank_result in results]
+    assert all(len(s) == STEPS for s in seen)
+    assert not torch.equal(seen[0][0], seen[1][0]), "each rank trains on its own batches"
+    expected = reference(seen)
+    params = results[0][run]["params"]
+    assert params.keys() == expected.keys()
+    assert max((params[n] - expected[n]).abs().max().item() for n in params) < 1e-5
+
+
+@pytest.mark.parametrize("run", ["trainer_kwargs", "trainer_optimizers", "accelerate"])
+def test_deepspeed_zero3(run, deepspeed):
+    """optimizers=(SCALE, None) under deepspeed=: SCALETrainer trains the SCALE given, exactly."""
+    assert_matches_reference(deepspeed, run)
+
+
+@pytest.mark.parametrize("run", ["trainer_kwargs", "accelerate"])
+def test_fsdp2(run, fsdp):
+    assert_matches_reference(fsdp, run)
+
+
+def test_plain_trainer_dropping_scale_is_refused(deepspeed):
+    message = deepspeed[0]["dropped"]
+    assert "drops" in message and "SCALETrainer" in message
