@@ -276,11 +276,15 @@ class SCALE(Optimizer):
         return loss
 
     def _describe_engine_flats(self) -> None:
-        """A tensor SCALE was neither built with nor bound to is an engine's flat partition:
-        DeepSpeed ZeRO's, the only engine that hands the step flats, describes them
-        (`scale_zero.deepspeed_zero.bind_at_first_step`) the first time one comes."""
-        held = [p for group in self.param_groups for p in group["params"]]
-        if all(p in self._flats or p in self._roles_built_with for p in held) or "deepspeed" not in sys.modules:
+        """A plain tensor SCALE was neither built with nor bound to is an engine's flat
+        partition: DeepSpeed ZeRO's, the only engine that hands the step flats, describes
+        them (`scale_zero.deepspeed_zero.bind_at_first_step`) the first time one comes.
+        DTensors describe themselves (FSDP2 may swap them in for the parameters)."""
+        unknown = [
+            p for group in self.param_groups for p in group["params"]
+            if not isinstance(p, DTensor) and p not in self._flats and p not in self._roles_built_with
+        ]
+        if not unknown or "deepspeed" not in sys.modules:
             return
         from scale_zero.deepspeed_zero import bind_at_first_step
 

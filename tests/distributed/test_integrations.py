@@ -48,6 +48,23 @@ def full_params(model) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
+def facts(model, optimizer) -> dict:
+    """What trained: the SCALE under the wrappers (Accelerate's, DeepSpeed's), and how the
+    engine holds the parameters (ZeRO flats SCALE bound, or FSDP2 DTensors)."""
+    from deepspeed import DeepSpeedEngine
+    from torch.distributed.tensor import DTensor
+
+    from scale_zero import SCALE
+
+    while not isinstance(optimizer, SCALE) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, SCALE):
+        return {"optimizer": type(optimizer).__name__}
+    if isinstance(model, DeepSpeedEngine):
+        return {"optimizer": "SCALE", "zero": type(model.optimizer).__name__, "flats": len(optimizer._flats)}
+    return {"optimizer": "SCALE", "dtensors": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
 # ---------------------------------------------------------------- in the ranks
 
 
@@ -61,7 +78,7 @@ def trainer_run(tmp, engine: str, how: str) -> dict:
 
     cpu_state(engine)
     backend = {"deepspeed": {"deepspeed": ZERO3},
-               "fsdp": {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}}[engine]
+               "fsdp": {"fsdp": True, "fsdp_config": {"version": 2}}}[engine]
     args = TrainingArguments(
         output_dir=str(tmp), per_device_train_batch_size=MICRO_BATCH, max_steps=STEPS, learning_rate=LR,
         weight_decay=WEIGHT_DECAY, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
@@ -81,7 +98,7 @@ def trainer_run(tmp, engine: str, how: str) -> dict:
         opt = SCALE(scale_param_groups(model), lr=LR, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
         trainer = Recording(model=model, args=args, train_dataset=dataset(), optimizers=(opt, None))
     trainer.train()
-    return {"seen": seen, "params": full_params(trainer.model_wrapped)}
+    return {"seen": seen, "params": full_params(trainer.model_wrapped), **facts(trainer.model_wrapped, trainer.optimizer)}
 
 
 def accelerate_run(engine: str) -> dict:
@@ -105,7 +122,7 @@ def accelerate_run(engine: str) -> dict:
         accelerator.backward(model(input_ids=ids, labels=ids).loss)
         opt.step()
         opt.zero_grad()
-    return {"seen": seen, "params": full_params(model)}
+    return {"seen": seen, "params": full_params(model), **facts(model, opt)}
 
 
 def deepspeed_runs(tmp) -> dict:
@@ -176,11 +193,15 @@ def assert_matches_reference(results: list[dict], run: str) -> None:
 @pytest.mark.parametrize("run", ["trainer_kwargs", "trainer_optimizers", "accelerate"])
 def test_deepspeed_zero3(run, deepspeed):
     """optimizers=(SCALE, None) under deepspeed=: SCALETrainer trains the SCALE given, exactly."""
+    result = deepspeed[0][run]
+    assert result["optimizer"] == "SCALE" and result["zero"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert result["flats"] >= 6  # sub-groups, each bound at SCALE's first step
     assert_matches_reference(deepspeed, run)
 
 
 @pytest.mark.parametrize("run", ["trainer_kwargs", "accelerate"])
 def test_fsdp2(run, fsdp):
+    assert fsdp[0][run]["optimizer"] == "SCALE" and fsdp[0][run]["dtensors"]
     assert_matches_reference(fsdp, run)
 
 

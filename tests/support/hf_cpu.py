@@ -15,7 +15,14 @@ def cpu_state(engine: str):
     each rank before building the Accelerator or the TrainingArguments."""
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh state per run in one process
     os.environ["ACCELERATE_USE_DEEPSPEED"] = str(engine == "deepspeed").lower()
-    return PartialState(backend="gloo")
+    if engine == "deepspeed":  # Accelerate takes the DEEPSPEED type from the variable
+        return PartialState(backend="gloo")
+    # FSDP: cpu=True gives MULTI_CPU, for which Accelerate never enables its FSDP plugin;
+    # declared MULTI_GPU (only the type: the device stays the CPU), it does.
+    state = PartialState(cpu=True, backend="gloo")
+    state.distributed_type = DistributedType.MULTI_GPU
+    return state
