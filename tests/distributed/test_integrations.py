@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported, here and in the ranks
 
 from tests.support.distributed import run_distributed  # noqa: E402
+from tests.support.docs import python_blocks, run_snippet, snippets  # noqa: E402
 from tests.support.hf_cpu import CONFIGURED_STATE, cpu_state  # noqa: E402
 from tests.support.models import batches, tiny_llama  # noqa: E402
 from tests.support.reference import ReferenceSCALE  # noqa: E402
@@ -68,61 +69,45 @@ def facts(model, optimizer) -> dict:
 # ---------------------------------------------------------------- in the ranks
 
 
-def trainer_run(tmp, engine: str, how: str) -> dict:
-    """SCALETrainer for STEPS steps; SCALE built by the trainer (`how` "kwargs") or passed in
-    (`how` "optimizers")."""
-    from transformers import TrainingArguments
-
-    from scale_zero import SCALE, scale_param_groups
-    from scale_zero.integrations.hf import SCALETrainer
-
-    cpu_state(engine)
-    backend = {"deepspeed": {"deepspeed": ZERO3},
-               "fsdp": {"fsdp": True, "fsdp_config": {"version": 2}}}[engine]
-    args = TrainingArguments(
-        output_dir=str(tmp), per_device_train_batch_size=MICRO_BATCH, max_steps=STEPS, learning_rate=LR,
-        weight_decay=WEIGHT_DECAY, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[],
-        save_strategy="no", disable_tqdm=True, accelerator_config=CONFIGURED_STATE, **backend,
-    )
+def record_inputs(model) -> list[torch.Tensor]:
+    """The input_ids of every forward of `model` (under any engine's wrapper), in order."""
     seen = []
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: seen.append(kwargs["input_ids"].clone()),
+                                    with_kwargs=True)
+    return seen
 
-    class Recording(SCALETrainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            seen.append(inputs["input_ids"].clone())
-            return super().compute_loss(model, inputs, *args, **kwargs)
 
-    model = tiny_llama(0)
-    if how == "kwargs":
-        trainer = Recording(model=model, args=args, train_dataset=dataset(), scale_kwargs={"adam_lr": ADAM_LR})
-    else:
-        opt = SCALE(scale_param_groups(model), lr=LR, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
-        trainer = Recording(model=model, args=args, train_dataset=dataset(), optimizers=(opt, None))
-    trainer.train()
-    return {"seen": seen, "params": full_params(trainer.model_wrapped), **facts(trainer.model_wrapped, trainer.optimizer)}
+BACKENDS = {"deepspeed": {"deepspeed": ZERO3}, "fsdp": {"fsdp": True, "fsdp_config": {"version": 2}}}
+
+
+def trainer_runs(tmp, engine: str, hows: tuple[str, ...]) -> dict:
+    """docs/integrations.md's Trainer snippets: SCALETrainer building SCALE ("trainer"), then
+    taking a built one ("trainer_optimizers"), each on a fresh model, STEPS steps."""
+    os.chdir(tmp)  # the snippet's output_dir
+    cpu_state(engine)
+    names, results = {"backend": BACKENDS[engine], "train_dataset": dataset()}, {}
+    for how in hows:
+        model = tiny_llama(0)
+        seen = record_inputs(model)
+        names = run_snippet("integrations.md", how, **{**names, "model": model})
+        trainer = names["trainer"]
+        assert trainer.args.max_steps == STEPS and trainer.args.learning_rate == LR
+        results[how] = {"seen": seen, "params": full_params(trainer.model_wrapped),
+                        **facts(trainer.model_wrapped, trainer.optimizer)}
+    return results
 
 
 def accelerate_run(engine: str) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    """docs/integrations.md's Accelerate snippet."""
     from torch.utils.data import DataLoader
 
-    from scale_zero import SCALE, scale_param_groups
-
     cpu_state(engine)
-    plugin = {"deepspeed": {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config={**ZERO3, "gradient_clipping": 0.0})},
-              "fsdp": {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)}}[engine]
-    accelerator = Accelerator(**plugin)
     model = tiny_llama(0)
-    opt = SCALE(scale_param_groups(model), lr=LR, adam_lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+    seen = record_inputs(model)
     loader = DataLoader([row["input_ids"] for row in dataset()], batch_size=MICRO_BATCH)
-    model, opt, loader = accelerator.prepare(model, opt, loader)
-    seen = []
-    for ids in loader:
-        seen.append(ids.clone())
-        accelerator.backward(model(input_ids=ids, labels=ids).loss)
-        opt.step()
-        opt.zero_grad()
-    return {"seen": seen, "params": full_params(model), **facts(model, opt)}
+    names = run_snippet("integrations.md", "accelerate", model=model, loader=loader, engine=engine,
+                        zero3_config={**ZERO3, "gradient_clipping": 0.0})
+    return {"seen": seen, "params": full_params(names["model"]), **facts(names["model"], names["opt"])}
 
 
 def deepspeed_runs(tmp) -> dict:
@@ -131,11 +116,8 @@ def deepspeed_runs(tmp) -> dict:
     from scale_zero import SCALE, scale_param_groups
     from scale_zero.integrations.hf import check_trainer
 
-    results = {
-        "trainer_kwargs": trainer_run(tmp, "deepspeed", "kwargs"),
-        "trainer_optimizers": trainer_run(tmp, "deepspeed", "optimizers"),
-        "accelerate": accelerate_run("deepspeed"),
-    }
+    results = {**trainer_runs(tmp, "deepspeed", ("trainer", "trainer_optimizers")),
+               "accelerate": accelerate_run("deepspeed")}
     # The plain Trainer would drop this SCALE and train AdamW: check_trainer says so.
     cpu_state("deepspeed")
     model = tiny_llama(0)
@@ -149,7 +131,7 @@ def deepspeed_runs(tmp) -> dict:
 
 
 def fsdp_runs(tmp) -> dict:
-    return {"trainer_kwargs": trainer_run(tmp, "fsdp", "kwargs"), "accelerate": accelerate_run("fsdp")}
+    return {**trainer_runs(tmp, "fsdp", ("trainer",)), "accelerate": accelerate_run("fsdp")}
 
 
 # ---------------------------------------------------------------- in pytest
@@ -190,7 +172,7 @@ def assert_matches_reference(results: list[dict], run: str) -> None:
     assert max((params[n] - expected[n]).abs().max().item() for n in params) < 1e-5
 
 
-@pytest.mark.parametrize("run", ["trainer_kwargs", "trainer_optimizers", "accelerate"])
+@pytest.mark.parametrize("run", ["trainer", "trainer_optimizers", "accelerate"])
 def test_deepspeed_zero3(run, deepspeed):
     """optimizers=(SCALE, None) under deepspeed=: SCALETrainer trains the SCALE given, exactly."""
     result = deepspeed[0][run]
@@ -199,10 +181,17 @@ def test_deepspeed_zero3(run, deepspeed):
     assert_matches_reference(deepspeed, run)
 
 
-@pytest.mark.parametrize("run", ["trainer_kwargs", "accelerate"])
+@pytest.mark.parametrize("run", ["trainer", "accelerate"])
 def test_fsdp2(run, fsdp):
     assert fsdp[0][run]["optimizer"] == "SCALE" and fsdp[0][run]["dtensors"]
     assert_matches_reference(fsdp, run)
+
+
+def test_every_snippet_is_run():
+    """Each python block of docs/integrations.md is a marked snippet, run by a test here or in
+    test_deepspeed_client.py ("deepspeed")."""
+    assert python_blocks("integrations.md") == len(snippets("integrations.md"))
+    assert set(snippets("integrations.md")) == {"deepspeed", "trainer", "trainer_optimizers", "accelerate", "cpu"}
 
 
 def test_plain_trainer_dropping_scale_is_refused(deepspeed):
