@@ -84,9 +84,9 @@ def trainer_runs(tmp, engine: str, hows: tuple[str, ...]) -> dict:
     """docs/integrations.md's Trainer snippets: SCALETrainer building SCALE ("trainer"), then
     taking a built one ("trainer_optimizers"), each on a fresh model, STEPS steps."""
     os.chdir(tmp)  # the snippet's output_dir
-    cpu_state(engine)
     names, results = {"backend": BACKENDS[engine], "train_dataset": dataset()}, {}
     for how in hows:
+        cpu_state(engine)  # a fresh state: one Accelerator per DeepSpeed plugin
         model = tiny_llama(0)
         seen = record_inputs(model)
         names = run_snippet("integrations.md", how, **{**names, "model": model})
