@@ -1,12 +1,19 @@
-"""SCALE under DeepSpeed ZeRO: `scale_zero.initialize`, a drop-in for `deepspeed.initialize`.
+"""SCALE under DeepSpeed ZeRO, as a plain client optimizer of `deepspeed.initialize`.
 
 ZeRO hands the client optimizer flat fp32 partitions, not parameters: one 1-D tensor per
 param group (ZeRO-1/2, BF16_Optimizer) or per sub-group (ZeRO-3), holding this rank's
 ranges of several parameters. SCALE's row/column RMS needs to know which parameter, which
 range of its row-major flattening and which process group each piece of a flat is, so
-after DeepSpeed builds the engine we describe every flat with `SCALE.bind_flat`. Every
-parameter of a flat's group gets a piece on every rank, empty ones included, so all ranks
-issue the same collectives (docs/algorithm.md, "DeepSpeed layouts").
+`bind(engine)` describes every flat with `SCALE.bind_flat`. Every parameter of a flat's
+group gets a piece on every rank, empty ones included, so all ranks issue the same
+collectives (docs/algorithm.md, "DeepSpeed layouts").
+
+Nobody has to call `bind`: SCALE's first step finds flats it was not built with and calls
+`bind_at_first_step`, which takes the engine from the call stack (the engine's `step` is
+always there: engine.step -> ZeRO optimizer step -> SCALE.step). The stack, not the
+parameters, because ZeRO-1/2 and BF16_Optimizer leave no reference to themselves or to
+the engine on the parameters, and the configuration checks need the engine.
+`scale_zero.initialize` is `deepspeed.initialize` + `bind`, refusing before any step.
 
 This is the one module that reads DeepSpeed's internals: `scale_zero.resharding` gets the
 partitions and the low-precision refresh from here.
@@ -15,12 +22,14 @@ partitions and the low-precision refresh from here.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -63,11 +72,24 @@ class FlatPartition:
     pieces: list[FlatPiece]
 
 
+def _partition_role(scale: SCALE, params: list, names: dict) -> str:
+    """The one role of the parameters DeepSpeed flattened into one partition (one per param
+    group): a partition of several roles cannot be stepped as one."""
+    roles = {scale.role_of(p) for p in params}
+    if len(roles) > 1:
+        raise ValueError(
+            f"SCALE: DeepSpeed flattens each param group into one partition, and a group holds parameters of "
+            f"roles {sorted(roles)} (e.g. {names[params[0]]}): give DeepSpeed one group per role, "
+            "SCALE(scale_param_groups(model), ...)"
+        )
+    return roles.pop()
+
+
 def _group_or_none(group):
     return group if dist.get_world_size(group=group) > 1 else None
 
 
-def _stage3_partitions(zero_opt: DeepSpeedZeroOptimizer_Stage3, names: dict) -> list[FlatPartition]:
+def _stage3_partitions(zero_opt: DeepSpeedZeroOptimizer_Stage3, names: dict, scale: SCALE) -> list[FlatPartition]:
     # Sub-group i's flat is each parameter's ds_tensor slice, `partition_numel()` long,
     # rank r holding [r*pn, min((r+1)*pn, numel)); the tail beyond numel is padding.
     partitions = []
@@ -80,16 +102,19 @@ def _stage3_partitions(zero_opt: DeepSpeedZeroOptimizer_Stage3, names: dict) -> 
             start, end = min(rank * pn, numel), min((rank + 1) * pn, numel)
             pieces.append(FlatPiece(names[p], tuple(p.ds_shape), offset, start, end))
             offset += pn
-        role = zero_opt.optimizer.param_groups[zero_opt.sub_group_to_group_id[i]]["role"]
-        partitions.append(FlatPartition(zero_opt.fp32_partitioned_groups_flat[i], role, _group_or_none(group), pieces))
+        partitions.append(FlatPartition(
+            zero_opt.fp32_partitioned_groups_flat[i], _partition_role(scale, params, names), _group_or_none(group), pieces
+        ))
     return partitions
 
 
-def _hp_mapping_partitions(lp_groups, flats, process_groups, param_groups, names) -> list[FlatPartition]:
+def _hp_mapping_partitions(lp_groups, flats, process_groups, names, scale: SCALE) -> list[FlatPartition]:
     # ZeRO-1/2 and BF16_Optimizer: `p._hp_mapping` (None if p has no element on this rank)
-    # gives the range inside p and the offset inside this rank's flat slice.
+    # gives the range inside p and the offset inside this rank's flat slice. The role comes
+    # from the parameters: during a ZeRO-1/2 step the optimizer's param_groups hold only
+    # the group being stepped.
     partitions = []
-    for params, flat, group, param_group in zip(lp_groups, flats, process_groups, param_groups):
+    for params, flat, group in zip(lp_groups, flats, process_groups, strict=True):
         pieces = []
         for p in params:
             mapping = p._hp_mapping
@@ -100,25 +125,25 @@ def _hp_mapping_partitions(lp_groups, flats, process_groups, param_groups, names
                 end = start + mapping.lp_fragment_address.numel
                 offset = mapping.hp_fragment_address.start
             pieces.append(FlatPiece(names[p], tuple(p.shape), offset, start, end))
-        partitions.append(FlatPartition(flat, param_group["role"], _group_or_none(group), pieces))
+        partitions.append(FlatPartition(flat, _partition_role(scale, params, names), _group_or_none(group), pieces))
     return partitions
 
 
 def zero_partitions(engine) -> list[FlatPartition]:
     """The flat partitions the engine's ZeRO optimizer hands SCALE, in step order.
     Empty for an engine without ZeRO (SCALE then sees whole parameters)."""
-    zero_opt, names = engine.optimizer, engine.param_names
+    zero_opt, names, scale = engine.optimizer, engine.param_names, engine.basic_optimizer
     if type(zero_opt) is DeepSpeedZeroOptimizer_Stage3:
-        return _stage3_partitions(zero_opt, names)
+        return _stage3_partitions(zero_opt, names, scale)
     if type(zero_opt) is DeepSpeedZeroOptimizer:
         return _hp_mapping_partitions(
-            zero_opt.bit16_groups, zero_opt.single_partition_of_fp32_groups,
-            zero_opt.real_dp_process_group, zero_opt.optimizer.param_groups, names,
+            zero_opt.bit16_groups, zero_opt.single_partition_of_fp32_groups, zero_opt.real_dp_process_group,
+            names, scale,
         )
     if type(zero_opt) is BF16_Optimizer:
         return _hp_mapping_partitions(
-            zero_opt.bf16_groups, zero_opt.fp32_groups_flat_partition,
-            zero_opt.real_dp_process_group, zero_opt.optimizer.param_groups, names,
+            zero_opt.bf16_groups, zero_opt.fp32_groups_flat_partition, zero_opt.real_dp_process_group,
+            names, scale,
         )
     return []
 
@@ -185,23 +210,50 @@ def refresh_low_precision_params(engine) -> None:
 
 
 def bind(engine) -> None:
-    """Describe every flat partition of the engine's ZeRO optimizer to its SCALE optimizer."""
+    """Describe every flat partition of the engine's ZeRO optimizer to its SCALE optimizer,
+    after checking the configuration (ValueError listing every problem). SCALE's first
+    step does this by itself; call it only to refuse a configuration before training, or
+    when something other than the engine's `step` drives the ZeRO optimizer."""
     scale = engine.basic_optimizer
+    if not isinstance(scale, SCALE):
+        raise TypeError(f"the engine's client optimizer is {type(scale).__name__}, not SCALE")
     problems = _unsupported(engine)
     if problems:
         raise ValueError("SCALE cannot run with this DeepSpeed configuration:\n  - " + "\n  - ".join(problems))
     partitions = zero_partitions(engine)
     for part in partitions:
-        scale.bind_flat(part.flat, [(piece.offset, piece.layout(part.group)) for piece in part.pieces])
+        scale.bind_flat(part.flat, [(piece.offset, piece.layout(part.group)) for piece in part.pieces], part.role)
     if partitions:
         _relink_optimizer_state_after_each_step(engine.optimizer, scale)
 
 
+def _engine_stepping(scale: SCALE) -> DeepSpeedEngine | None:
+    """The DeepSpeed engine on the call stack whose client optimizer is `scale`."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, DeepSpeedEngine) and candidate.basic_optimizer is scale:
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def bind_at_first_step(scale: SCALE) -> None:
+    """SCALE.step got flat partitions it was not built with: bind the engine stepping it."""
+    engine = _engine_stepping(scale)
+    if engine is None:
+        raise RuntimeError(
+            "SCALE got flat partitions it was not built with, and no DeepSpeed engine's step is "
+            "driving it: call scale_zero.bind(engine) once after deepspeed.initialize(...)"
+        )
+    bind(engine)
+
+
 def initialize(*args, **kwargs):
     """`deepspeed.initialize(*args, **kwargs)` (same arguments, same `(engine, optimizer,
-    dataloader, lr_scheduler)` back) that binds a `SCALE` optimizer, given as `optimizer=`,
-    to the engine's ZeRO partitions. Unsupported combinations raise ValueError here,
-    before any step. Any other optimizer passes through untouched."""
+    dataloader, lr_scheduler)` back) that also binds a `SCALE` optimizer, given as
+    `optimizer=`, right away: unsupported combinations raise ValueError here, before any
+    step, instead of at the first step. Any other optimizer passes through untouched."""
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(*args, **kwargs)
     if isinstance(getattr(engine, "basic_optimizer", None), SCALE):
         bind(engine)

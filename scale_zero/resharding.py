@@ -39,7 +39,7 @@ def _partitions(engine) -> list[FlatPartition]:
     partitions = zero_partitions(engine)
     if not partitions:
         raise ValueError(
-            "export_state/import_state need a ZeRO stage 1, 2 or 3 engine made by scale_zero.initialize; "
+            "export_state/import_state need a ZeRO stage 1, 2 or 3 engine with a SCALE optimizer; "
             "without ZeRO the optimizer state is not partitioned: use engine.save_checkpoint/load_checkpoint"
         )
     return partitions

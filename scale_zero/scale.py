@@ -19,6 +19,7 @@ all_reduce per process group (docs/algorithm.md, "Partial sums").
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -427,12 +428,15 @@ class SCALE(Optimizer):
             pre.remove()
             post.remove()
 
-    def bind_flat(self, flat: torch.Tensor, pieces: Sequence[tuple[int, ShardLayout]]) -> None:
+    def bind_flat(self, flat: torch.Tensor, pieces: Sequence[tuple[int, ShardLayout]], role: str) -> None:
         """Declare that the 1-D tensor `flat`, when it comes in a param group, holds these
-        pieces: `(offset, layout)`, the layout's local values stored from `offset` of `flat`.
-        An engine adapter calls it for every flat partition it hands the step (ZeRO); every
-        rank must bind the same parameters in the same order, empty pieces included, so all
-        ranks issue the same collectives. Binding a flat again replaces its description."""
+        pieces of parameters of `role`: `(offset, layout)`, the layout's local values stored
+        from `offset` of `flat`. An engine adapter calls it for every flat partition it hands
+        the step (ZeRO); every rank must bind the same parameters in the same order, empty
+        pieces included, so all ranks issue the same collectives. Binding a flat again
+        replaces its description."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         if flat.dim() != 1:
             raise ValueError(f"bind_flat takes a 1-D flat tensor, got shape {tuple(flat.shape)}")
         for offset, layout in pieces:
@@ -441,6 +445,7 @@ class SCALE(Optimizer):
                     f"a piece of {layout.numel} elements at offset {offset} does not fit a flat of {flat.numel()}"
                 )
         self._flats[flat] = tuple(pieces)
+        self._roles[flat] = role
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -448,6 +453,7 @@ class SCALE(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._describe_engine_flats()
         self._count_step()
 
         # Per role, what this rank holds of each parameter with a gradient.
@@ -489,6 +495,21 @@ class SCALE(Optimizer):
             if unit.write_back is not None:
                 unit.write_back.copy_(unit.param.view(unit.write_back.shape))
         return loss
+
+    def _describe_engine_flats(self) -> None:
+        """A plain tensor SCALE was neither built with nor bound to is an engine's flat
+        partition: DeepSpeed ZeRO's, the only engine that hands the step flats, describes
+        them (`scale_zero.deepspeed_zero.bind_at_first_step`) the first time one comes.
+        DTensors describe themselves (FSDP2 may swap them in for the parameters)."""
+        unknown = [
+            p for group in self.param_groups for p in group["params"]
+            if not isinstance(p, DTensor) and p not in self._flats and p not in self._roles
+        ]
+        if not unknown or "deepspeed" not in sys.modules:
+            return
+        from scale_zero.deepspeed_zero import bind_at_first_step
+
+        bind_at_first_step(self)
 
     def _count_step(self) -> None:
         """Start a new `comm_stats` count if this call holds a tensor the current one stepped."""

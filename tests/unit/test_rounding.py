@@ -97,7 +97,7 @@ def test_constant_gradient_every_role_lands_on_0_9_with_stochastic_rounding(stat
 def test_state_dtype_follows_a_bound_flat_or_the_argument():
     flat = nn.Parameter(torch.ones(12, dtype=torch.bfloat16))
     opt = SCALE([{"params": [flat], "role": "output"}], lr=LR)
-    opt.bind_flat(flat, [(0, ShardLayout.whole((3, 4)))])
+    opt.bind_flat(flat, [(0, ShardLayout.whole((3, 4)))], "output")
     flat.grad = torch.ones_like(flat)
     opt.step()
     assert opt.state[flat]["momentum_buffer"].dtype == torch.bfloat16
@@ -194,7 +194,7 @@ def test_flats_round_as_the_parameters_do(role, monkeypatch):
             a, b = min(max(lo - start, 0), n), min(max(hi - start, 0), n)
             pieces.append((min(max(start - lo, 0), hi - lo), ShardLayout.flat_range(shape if len(shape) == 2 else (1, n), a, b)))
             start += n
-        opt.bind_flat(flat, pieces)
+        opt.bind_flat(flat, pieces, role)
     for g in grads:
         whole = torch.cat([gi.reshape(-1) for gi in g])
         for flat, lo, hi in zip(flats, cuts, cuts[1:]):

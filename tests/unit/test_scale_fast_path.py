@@ -118,7 +118,9 @@ def test_flat_unit_of_several_parameters(monkeypatch):
                 m.setattr(native, "available", lambda: False)
             opt = SCALE([{"params": [flat_param], "role": "output"}], lr=1e-2, weight_decay=0.1)
             offsets = [sum(numels[:i]) for i in range(len(shapes))]
-            opt.bind_flat(flat_param, [(o, ShardLayout.flat_range(s, 0, n)) for o, s, n in zip(offsets, shapes, numels)])
+            opt.bind_flat(
+                flat_param, [(o, ShardLayout.flat_range(s, 0, n)) for o, s, n in zip(offsets, shapes, numels)], "output"
+            )
             for _ in range(3):
                 flat_param.grad = torch.randn(flat_param.shape, generator=gen)
                 opt.step()
