@@ -183,7 +183,7 @@ def comm_model(config: LlamaConfig, world: int, sub_group_size: int) -> CommMode
         if group["role"] == "vector" or world == 1:  # AdamW, no collective
             continue
         dim = NORM_DIMS[group["role"]]
-        scale_bytes += 4 * sum(matrix_shape(p.shape)[1 - dim] for p in group["params"])
+        scale_bytes += 8 * sum(matrix_shape(p.shape)[1 - dim] for p in group["params"])  # fp64 sums
         collectives += sub_group_count([math.ceil(p.numel() / world) for p in group["params"]], sub_group_size)
     return CommModel(params, scale_bytes, collectives)
 
