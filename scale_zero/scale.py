@@ -249,35 +249,7 @@ class SCALE(Optimizer):
                 pieces += self._pieces(group, units)
             units_stepped += units
 
-        # Pieces whose RMS is local: the fused kernel does both phases in one pass.
-        one_pass = [p for p in pieces if p.rms_is_local() and _by_kernel(p)]
-        native.normalized_step_(_kernel_blocks(one_pass))
-        pieces = [p for p in pieces if not (p.rms_is_local() and _by_kernel(p))]
-        kernel = [p for p in pieces if _by_kernel(p)]
-        torch_path = [p for p in pieces if not _by_kernel(p)]
-        normalized = [*kernel, *(p for p in torch_path if p.dim is not None)]
-        sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].param.device) if normalized else None
-        # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
-        if kernel:
-            native.partial_sums_(_kernel_blocks(kernel, [sums.slot(i) for i in range(len(kernel))]))
-        for beta in {p.beta for p in torch_path if p.momentum is not None}:
-            with_momentum = [p for p in torch_path if p.momentum is not None and p.beta == beta]
-            momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
-        for i, piece in enumerate(normalized[len(kernel):], start=len(kernel)):
-            sums.add_(i, piece.direction)
-        # The full-parameter RMS of every direction: one all_reduce per process group.
-        rms = []
-        if sums is not None:
-            sums.all_reduce(self.comm_stats)
-            rms = sums.rms()
-        # Phase 2: decay and the normalized update.
-        native.apply_rms_(_kernel_blocks(kernel, rms[: len(kernel)]))
-        torch_rms = iter(rms[len(kernel):])
-        for piece in torch_path:
-            piece_rms = None if piece.dim is None else next(torch_rms)
-            normalized_update_(
-                piece.layout, piece.param, piece.direction, piece_rms, piece.dim, piece.lr, piece.weight_decay
-            )
+        self._normalized_step(pieces)
         # AdamW for vectors.
         for group, units in vectors:
             self._adamw(group, units)
@@ -286,6 +258,40 @@ class SCALE(Optimizer):
             if unit.write_back is not None:
                 unit.write_back.copy_(unit.param.view(unit.write_back.shape))
         return loss
+
+    def _normalized_step(self, pieces: list[_Piece]) -> None:
+        """Every normalized piece, in two phases around ONE all_reduce per process group:
+        momentum and this rank's partial sums of squares, then decay and the update. On CPU
+        the fused kernel runs both phases; a piece whose RMS is local takes its one pass."""
+        one_pass, kernel, torch_path = [], [], []
+        for piece in pieces:
+            by_kernel = _by_kernel(piece)
+            (one_pass if by_kernel and piece.rms_is_local() else kernel if by_kernel else torch_path).append(piece)
+        native.normalized_step_(_kernel_blocks(one_pass))
+        normalized = kernel + [p for p in torch_path if p.dim is not None]  # their slots, in this order
+        # No normalized piece (plain SGD only, or nothing): no statistic, no collective.
+        sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].param.device) if normalized else None
+
+        # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
+        native.partial_sums_(_kernel_blocks(kernel, [sums.slot(i) for i in range(len(kernel))]))
+        for beta in {p.beta for p in torch_path if p.momentum is not None}:
+            with_momentum = [p for p in torch_path if p.momentum is not None and p.beta == beta]
+            momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
+        for i, piece in enumerate(normalized[len(kernel) :], start=len(kernel)):
+            sums.add_(i, piece.direction)
+        # The full-parameter RMS of every direction: one all_reduce per process group.
+        rms = []
+        if sums is not None:
+            sums.all_reduce(self.comm_stats)
+            rms = sums.rms()
+        # Phase 2: decay and the normalized update.
+        native.apply_rms_(_kernel_blocks(kernel, rms[: len(kernel)]))
+        torch_rms = iter(rms[len(kernel) :])
+        for piece in torch_path:
+            normalized_update_(
+                piece.layout, piece.param, piece.direction, None if piece.dim is None else next(torch_rms),
+                piece.dim, piece.lr, piece.weight_decay,
+            )
 
     def _count_step(self) -> None:
         """Start a new `comm_stats` count if this call holds a tensor the current one stepped."""
