@@ -107,10 +107,19 @@ void step_rows(const Job& j, int64_t r0, int64_t r1) {
 }
 
 // dim 0, rows [r0, r1): momentum, and the chunk's column sums of squares.
+// Rows are taken two at a time from the two halves of the range: two memory streams keep
+// more reads in flight on one core than one stream does.
 void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq) {
   std::fill(sumsq, sumsq + j.cols, 0.0);
-  for (int64_t r = r0; r < r1; ++r) {
+  const int64_t half = (r1 - r0) / 2;
+  for (int64_t r = r0; r < r0 + half; ++r) {
     const float* s = source_row(j, r);
+    const float* t = source_row(j, r + half);
+#pragma omp simd
+    for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c] + double(t[c]) * t[c];
+  }
+  if ((r1 - r0) % 2) {
+    const float* s = source_row(j, r1 - 1);
 #pragma omp simd
     for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c];
   }
@@ -156,11 +165,14 @@ std::vector<Chunk> make_chunks(const Job* jobs, int64_t n_jobs, bool with_column
   return chunks;
 }
 
-// Job k's column sums, chunk by chunk in chunk order (deterministic).
-double column_total(const std::vector<double>& sums, int64_t cols, int64_t c) {
-  double total = 0.0;
-  for (size_t i = c; i < sums.size(); i += cols) total += sums[i];
-  return total;
+// Adds a dim-0 job's per-chunk column sums into `total`, chunk by chunk in chunk order
+// (deterministic), each chunk's row of sums read sequentially.
+void add_column_sums(const std::vector<double>& sums, int64_t cols, double* total) {
+  for (size_t i = 0; i < sums.size(); i += cols) {
+    const double* chunk = sums.data() + i;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) total[c] += chunk[c];
+  }
 }
 
 // Runs `work(chunk)` for every chunk on `threads` threads (the caller's included).
@@ -193,8 +205,10 @@ extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threa
     if (j.dim != 0) continue;
     second.push_back(ch);
     if (!rms[ch.job].empty()) continue;
+    std::vector<double> total(j.cols, 0.0);
+    add_column_sums(column_sums[ch.job], j.cols, total.data());
     rms[ch.job].resize(j.cols);
-    for (int64_t c = 0; c < j.cols; ++c) rms[ch.job][c] = rms_of(column_total(column_sums[ch.job], j.cols, c), j.rows);
+    for (int64_t c = 0; c < j.cols; ++c) rms[ch.job][c] = rms_of(total[c], j.rows);
   }
   parallel_chunks(second, threads, [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, rms[ch.job].data()); });
 }
@@ -208,11 +222,8 @@ extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads)
     for (int64_t r = ch.r0; r < ch.r1; ++r) j.sumsq[r] += row_sumsq(source_row(j, r), j.cols);
   });
   // Several blocks of one piece add into the same columns: job by job, in order.
-  for (int64_t k = 0; k < n_jobs; ++k) {
-    const Job& j = jobs[k];
-    if (j.dim != 0) continue;
-    for (int64_t c = 0; c < j.cols; ++c) j.sumsq[c] += column_total(column_sums[k], j.cols, c);
-  }
+  for (int64_t k = 0; k < n_jobs; ++k)
+    if (jobs[k].dim == 0) add_column_sums(column_sums[k], jobs[k].cols, jobs[k].sumsq);
 }
 
 extern "C" void scale_apply_rms(const Job* jobs, int64_t n_jobs, int threads) {
