@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -84,9 +85,12 @@ def _library() -> ctypes.CDLL | None:
     from torch.utils.cpp_extension import load
 
     isa = torch.backends.cpu.get_cpu_capability()
+    # The source's hash in the name too: processes running different versions of the kernel
+    # (checkouts sharing one cache) never rebuild a library another one has loaded.
+    version = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
     try:
         path = load(
-            f"scale_zero_normalized_step_{isa.lower()}",
+            f"scale_zero_normalized_step_{isa.lower()}_{version}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp-simd", *_ISA_FLAGS.get(isa, [])],
             is_python_module=False,
