@@ -285,8 +285,8 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         *(["- `--offload`: both configs with `offload_optimizer: {device: cpu}`: AdamW becomes DeepSpeed's "
            "DeepSpeedCPUAdam; SCALE steps the host-memory fp32 partitions with its CPU kernel."] if args.offload else []),
         "",
-        f"**Client optimizer step, SCALE / {type(adamw.client_optimizer).__name__}, rank 0 CPU time = "
-        f"{describe(client_ratios)}**; wall clock {describe(client_wall_ratios)}.",
+        f"Client optimizer step, SCALE / {type(adamw.client_optimizer).__name__}, rank 0 CPU time = "
+        f"{describe(client_ratios)}; wall clock {describe(client_wall_ratios)}.",
         "",
         f"Both engines are built in the same {world} processes (same initial weights, same batches) and run "
         f"{args.warmup} untimed steps each, then {args.rounds} rounds of one {args.block}-step block per engine, "
