@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--rounds", type=int, default=40, help="rounds of one block per engine, order alternating")
     run.add_argument("--block", type=int, default=1, help="timed steps per block")
     run.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    run.add_argument("--offload", action="store_true",
+                     help="offload_optimizer: cpu for both engines (AdamW becomes DeepSpeedCPUAdam)")
     run.add_argument("--project-world", type=int, default=64, help="ranks for the 7B projection")
     run.add_argument("--out", type=Path, default=ROOT / "docs/results/throughput.md")
     run.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
@@ -80,6 +82,10 @@ def ds_config(name: str, args) -> dict:
     config["train_micro_batch_size_per_gpu"] = args.micro_batch
     config["gradient_accumulation_steps"] = args.accum
     config["bf16"]["enabled"] = args.dtype == "bf16"
+    if args.offload:  # the optimizer steps the fp32 partitions in host memory
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if "optimizer" not in config:
+            config["zero_force_ds_cpu_optimizer"] = False  # SCALE is the client, not DeepSpeedCPUAdam
     return config
 
 
@@ -158,7 +164,7 @@ class CommModel:
     """Per optimizer step, from the parameter shapes alone."""
 
     params: int  # elements: the gradient ZeRO-3 reduce-scatters, the parameters it all-gathers
-    scale_bytes: int  # SCALE's all_reduce buffers: one fp32 per matrix/output row, per embedding column
+    scale_bytes: int  # SCALE's all_reduce buffers: one fp64 per matrix/output row, per embedding column
     scale_collectives: int  # one all_reduce per ZeRO-3 sub-group of a normalized role
 
 
@@ -183,7 +189,7 @@ def comm_model(config: LlamaConfig, world: int, sub_group_size: int) -> CommMode
         if group["role"] == "vector" or world == 1:  # AdamW, no collective
             continue
         dim = NORM_DIMS[group["role"]]
-        scale_bytes += 4 * sum(matrix_shape(p.shape)[1 - dim] for p in group["params"])
+        scale_bytes += 8 * sum(matrix_shape(p.shape)[1 - dim] for p in group["params"])  # fp64 sums
         collectives += sub_group_count([math.ceil(p.numel() / world) for p in group["params"]], sub_group_size)
     return CommModel(params, scale_bytes, collectives)
 
@@ -234,6 +240,9 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
                 engine_share=statistics.median([e / s for e, s in zip(engine_step, step)]),
             )
     wall_ratios = round_ratios(*([t["step"][0] for t in run.steps] for run in runs), args)
+    # Client step, rank 0 CPU: SCALE / AdamW per round (the inverse of round_ratios' order).
+    client_ratios = round_ratios(*([t["client"][1] for t in run.steps] for run in runs[::-1]), args)
+    client_wall_ratios = round_ratios(*([t["client"][0] for t in run.steps] for run in runs[::-1]), args)
     cpu_ratios = round_ratios(cpu["AdamW"], cpu["SCALE"], args)
     pooled = rows["AdamW", 0]["step"] / rows["SCALE", 0]["step"]
     # If the steps differed only in the client optimizer's CPU time (rank 0).
@@ -273,6 +282,11 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         "accelerator: a multi-tensor AdamW built from the same C++ kernel, `csrc/adam/cpu_adam_impl.cpp`, as "
         "DeepSpeedCPUAdam).",
         "- SCALE: `configs/zero3_scale.json`, `scale_zero.initialize(optimizer=SCALE(scale_param_groups(model)))`.",
+        *(["- `--offload`: both configs with `offload_optimizer: {device: cpu}`: AdamW becomes DeepSpeed's "
+           "DeepSpeedCPUAdam; SCALE steps the host-memory fp32 partitions with its CPU kernel."] if args.offload else []),
+        "",
+        f"Client optimizer step, SCALE / {type(adamw.client_optimizer).__name__}, rank 0 CPU time = "
+        f"{describe(client_ratios)}; wall clock {describe(client_wall_ratios)}.",
         "",
         f"Both engines are built in the same {world} processes (same initial weights, same batches) and run "
         f"{args.warmup} untimed steps each, then {args.rounds} rounds of one {args.block}-step block per engine, "
@@ -300,16 +314,14 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         "throughput ratio on a dedicated one. If the two steps differed only by the client optimizer's CPU "
         f"time, the ratio would be {only_optimizer:.3f}.",
         "",
-        f"Reading: SCALE's step costs {rows['SCALE', 1]['client'] / rows['AdamW', 1]['client']:.1f}x the CPU "
-        f"time of DeepSpeed's fused AdamW step, but the optimizer is {rows['SCALE', 1]['share']:.1%} of a full "
-        f"step here, so the expected throughput cost is {1 - only_optimizer:.1%}: smaller than what this shared "
-        "machine resolves (the interquartile ranges above, and the medians move by several percent between "
-        "runs of this command). The measured ratios sit above that estimate because ZeRO-3's own part of "
-        "`engine.step()` (engine step minus client step, rank 0 CPU) is "
+        f"Reading: SCALE's client step costs {rows['SCALE', 1]['client'] / rows['AdamW', 1]['client']:.2f}x the "
+        f"CPU time of {type(adamw.client_optimizer).__name__}'s (pooled medians); the optimizer is "
+        f"{rows['AdamW', 1]['share']:.1%} of a full AdamW step and {rows['SCALE', 1]['share']:.1%} of a SCALE "
+        f"one here, so from the client step alone the throughput ratio would be {only_optimizer:.3f}. "
+        "ZeRO-3's own part of `engine.step()` (engine step minus client step, rank 0 CPU) is "
         f"{(rows['AdamW', 1]['engine_step'] - rows['AdamW', 1]['client']) * 1e3:.0f} ms with AdamW against "
-        f"{(rows['SCALE', 1]['engine_step'] - rows['SCALE', 1]['client']) * 1e3:.0f} ms with SCALE (not diagnosed "
-        "further; it offsets SCALE's slower client step). Within that resolution, SCALE and AdamW train at the same tokens/s; the share "
-        "shrinks further with more tokens per step (longer sequences, larger batches, accumulation).",
+        f"{(rows['SCALE', 1]['engine_step'] - rows['SCALE', 1]['client']) * 1e3:.0f} ms with SCALE (SCALE's four "
+        "role groups are four sub-groups, each with its own gradient-norm all_reduce and copy back).",
         "",
         "`engine.step()` is ZeRO-3's whole step: the end of the gradient reduction, the gradient norm, the "
         "client optimizer on each sub-group's flat fp32 partition, the copy back to the bf16 partitions and "
@@ -339,7 +351,13 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         f"{scale_stats.bytes / reduce_scatter:.2e}** ({scale_stats.bytes / reduce_scatter:.3%}); against the "
         f"gathered parameter bytes ({gather:,}): {scale_stats.bytes / gather:.2e}. DeepSpeed's gradient-norm "
         "all_reduce (8 bytes) runs once per sub-group: one for AdamW's single param group, one per role group "
-        "(embedding, output, matrix, vector) for SCALE's.",
+        "(embedding, output, matrix, vector) for SCALE's. SCALE issues one all_reduce per sub-group that "
+        "holds normalized pieces, not one per engine step: ZeRO calls the client's `step()` once per "
+        "(sub-)group with only that group's flat, prepares that group's gradient just before the call and "
+        "copies its updated fp32 partition into the bf16 parameters right after it "
+        "(`stage3.py` `step`: `_prepare_sub_group`, `_optimizer_step`, `_reassign_or_swap_out_partitioned_parameters` "
+        "per sub-group; `stage_1_and_2.py` the same per param group), so group k's update cannot wait for "
+        "group k+1's sums, and group k+1's gradient does not exist yet when group k is stepped.",
         "",
         f"From the shapes, the same model at world {world}: {bench.params:,} gradient elements "
         f"= {bench.params * grad_bytes:,} bytes in {args.dtype} "
@@ -363,7 +381,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
     for label, size, factor in (
         ("ZeRO-3 gradient reduce-scatter (bf16)", grad7, (n - 1) / n),
         ("ZeRO-3 parameter all-gather, per pass (bf16; forward and again in backward)", grad7, (n - 1) / n),
-        (f"SCALE all_reduce ({big.scale_collectives} calls, fp32)", big.scale_bytes, 2 * (n - 1) / n),
+        (f"SCALE all_reduce ({big.scale_collectives} calls, fp64)", big.scale_bytes, 2 * (n - 1) / n),
     ):
         lines.append(f"| {label} | {mb(size)} | {mb(size * factor)} |")
     wire = (big.scale_bytes * 2) / grad7
@@ -377,7 +395,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         f"({big.scale_bytes / (2 * grad7):.2e} of the message). With accumulation k ZeRO-3 repeats its "
         "passes every micro-batch and SCALE still sends once per optimizer step: divide by k.",
         "",
-        "SCALE's bytes do not depend on the number of ranks (one fp32 per row / column of the full "
+        "SCALE's bytes do not depend on the number of ranks (one fp64 per row / column of the full "
         "parameter); the gradient bytes do not either, so the ratio holds at any world size. AdamW sends "
         "nothing beyond ZeRO-3's own collectives.",
         "",

@@ -1,7 +1,12 @@
-"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`): one function,
-`normalized_step_`, whose blocks carry the fields of the C `struct Job` by name. Which
-pieces may take it (whole rows or columns, RMS local) is decided by `scale_zero.scale`,
-whose torch path computes the same thing.
+"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`), whose blocks
+carry the fields of the C `struct Job` by name:
+
+- `normalized_step_`: blocks whose RMS is complete on this rank, the whole step in one call;
+- `partial_sums_` then `apply_rms_`: the two phases of blocks the partition cuts, around
+  the all_reduce of the batched buffer (`shard_layout.PartialSums`).
+
+Which pieces take which is decided by `scale_zero.scale`, whose torch path computes the
+same thing.
 
 The kernel is built on first use with torch's extension builder (about a second: it
 includes no torch headers; cached under ~/.cache/torch_extensions, or
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -24,7 +30,13 @@ import torch
 _SOURCE = Path(__file__).with_name("normalized_step.cpp")
 # Vector instructions for the CPU torch itself dispatches to. The build is named after
 # them, so hosts of different kinds sharing one cache directory never load each other's.
-_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+# The C entry point of each phase, and the dtype of the statistic it reads or writes.
+_ENTRIES = {"step": "scale_normalized_step", "sums": "scale_partial_sums", "apply": "scale_apply_rms"}
+_STATS_DTYPE = {"step": None, "sums": torch.float64, "apply": torch.float32}
 
 
 class _Job(ctypes.Structure):
@@ -40,14 +52,18 @@ class _Job(ctypes.Structure):
         ("lr", ctypes.c_double),
         ("weight_decay", ctypes.c_double),
         ("beta", ctypes.c_double),
+        ("sumsq", ctypes.c_void_p),
+        ("rms", ctypes.c_void_p),
     ]
 
 
 class KernelBlock(NamedTuple):
-    """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 CPU flats,
-    whose RMS over `dim` is complete on this rank. The other fields are `_Job`'s and mean
+    """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 CPU flats
+    (for `normalized_step_`, one whose RMS over `dim` is complete on this rank). The other fields are `_Job`'s and mean
     what the C side reads: `momentum` None for a role without momentum; `lr`,
-    `weight_decay` and `beta` the param group's values as they are."""
+    `weight_decay` and `beta` the param group's values as they are. For the two phases,
+    `stats` is the block's entries of a per-row (dim 1) or per-column (dim 0) statistic:
+    fp64 sums of squares that phase one adds to, or the fp32 RMS phase two divides by."""
 
     param: torch.Tensor
     grad: torch.Tensor
@@ -59,6 +75,7 @@ class KernelBlock(NamedTuple):
     lr: float
     weight_decay: float
     beta: float
+    stats: torch.Tensor | None = None
 
 
 @functools.cache
@@ -68,9 +85,12 @@ def _library() -> ctypes.CDLL | None:
     from torch.utils.cpp_extension import load
 
     isa = torch.backends.cpu.get_cpu_capability()
+    # The source's hash in the name too: processes running different versions of the kernel
+    # (checkouts sharing one cache) never rebuild a library another one has loaded.
+    version = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
     try:
         path = load(
-            f"scale_zero_normalized_step_{isa.lower()}",
+            f"scale_zero_normalized_step_{isa.lower()}_{version}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp-simd", *_ISA_FLAGS.get(isa, [])],
             is_python_module=False,
@@ -79,8 +99,9 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"SCALE: the fused CPU kernel did not build ({error}); using the torch path.")
         return None
     lib = ctypes.CDLL(path)
-    lib.scale_normalized_step.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
-    lib.scale_normalized_step.restype = None
+    for entry in _ENTRIES.values():
+        getattr(lib, entry).argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
+        getattr(lib, entry).restype = None
     return lib
 
 
@@ -96,7 +117,21 @@ def accepts(*tensors: torch.Tensor | None) -> bool:
 
 
 def normalized_step_(blocks: Sequence[KernelBlock]) -> None:
-    """The fused SCALE step (see the .cpp file) of every block, in one call."""
+    """The fused SCALE step of every block (RMS local), in one call."""
+    _run("step", blocks)
+
+
+def partial_sums_(blocks: Sequence[KernelBlock]) -> None:
+    """Phase one: momentum, and each block's sums of squares added into `stats` (fp64)."""
+    _run("sums", blocks)
+
+
+def apply_rms_(blocks: Sequence[KernelBlock]) -> None:
+    """Phase two: decay and the update divided by `stats` (the fp32 RMS)."""
+    _run("apply", blocks)
+
+
+def _run(phase: str, blocks: Sequence[KernelBlock]) -> None:
     if not blocks:
         return
     jobs = (_Job * len(blocks))()
@@ -111,4 +146,11 @@ def normalized_step_(blocks: Sequence[KernelBlock]) -> None:
         )
         job.rows, job.cols, job.dim = block.rows, block.cols, block.dim
         job.lr, job.weight_decay, job.beta = block.lr, block.weight_decay, block.beta
-    _library().scale_normalized_step(jobs, len(blocks), torch.get_num_threads())
+        dtype = _STATS_DTYPE[phase]
+        if dtype is not None:
+            stats = block.stats
+            entries = block.rows if block.dim == 1 else block.cols
+            if stats is None or stats.dtype != dtype or not stats.is_contiguous() or stats.numel() != entries:
+                raise ValueError(f"phase {phase!r} needs {entries} contiguous {dtype} entries of the statistic")
+            setattr(job, "sumsq" if phase == "sums" else "rms", stats.data_ptr())
+    getattr(_library(), _ENTRIES[phase])(jobs, len(blocks), torch.get_num_threads())

@@ -1,19 +1,31 @@
-// SCALE's normalized step for pieces whose RMS is complete on this rank, fused so each
-// value crosses memory as few times as the math allows (docs/algorithm.md, "The update"):
+// SCALE's normalized step, fused so each value crosses memory as few times as the math
+// allows (docs/algorithm.md, "The update"):
 //
 //   m = lerp(m, g, 1 - beta)                  only for roles with momentum
 //   s = m, or g without momentum
 //   p = (1 - lr * wd) * p - lr * s / rms(s, dim),   rms = max(sqrt(mean(s^2, dim)), 1e-8)
 //
-// dim 1 (matrix, output: one RMS per row): a row is read from memory once, its sum of
-// squares taken, and the update re-reads it from L1/L2. That is the whole trick: the
-// gradient costs one memory pass instead of two.
-// dim 0 (embedding: one RMS per column) needs every row before any update: one pass sums
-// the columns, a second pass updates.
+// Three entry points, each taking a batch of blocks (`struct Job`):
+//
+// scale_normalized_step: blocks whose RMS is complete on this rank (whole rows, or whole
+//   columns), in one call. dim 1 (matrix, output: one RMS per row): a row is read from
+//   memory once, its sum of squares taken, and the update re-reads it from L1/L2, so the
+//   gradient costs one memory pass instead of two. dim 0 (embedding: one RMS per column)
+//   needs every row before any update: one pass sums the columns, a second updates.
+// scale_partial_sums / scale_apply_rms: the two phases for blocks cut by the partition
+//   (ZeRO ranges: a partial first row, whole rows, a partial last row; FSDP2 columns).
+//   Phase one advances the momentum and adds the block's sums of squares into its slots of
+//   the batched buffer (`sumsq`); the caller all_reduces the buffer and turns it into the
+//   RMS; phase two applies decay and the update from `rms`.
+//
+// Sums of squares are fp64, from the exact fp64 products of fp32 values: an fp32 value
+// squared is at most ~1.2e77 and at least ~2e-90, so neither a row of 1e25 nor one of
+// subnormals overflows or underflows (the torch path does the same, scale_zero/shard_layout.py).
 //
 // Plain C ABI, no torch headers (builds in about a second), called through ctypes by
-// scale_zero/native.py. Work is split into fixed chunks of rows; column sums are kept
-// per chunk and added in chunk order, so results do not depend on thread timing.
+// scale_zero/native.py. Work is split into fixed chunks of rows run on `threads` threads;
+// column sums are kept per chunk and added in chunk order, so results do not depend on
+// thread timing.
 
 #include <algorithm>
 #include <atomic>
@@ -24,7 +36,7 @@
 
 namespace {
 
-constexpr float kRmsFloor = 1e-8f;     // a floor, not an added epsilon
+constexpr float kRmsFloor = 1e-8f;        // a floor, not an added epsilon
 constexpr int64_t kChunkElems = 1 << 16;  // work unit: about 256 KiB of one tensor
 
 }  // namespace
@@ -41,6 +53,8 @@ struct Job {
   double lr;            // the param group's values, as they are
   double weight_decay;
   double beta;          // momentum coefficient
+  double* sumsq;        // phase one: this block's first entry (row or column) in the batched buffer
+  const float* rms;     // phase two: the same entry of the RMS
 };
 
 }  // extern "C"
@@ -67,38 +81,60 @@ inline const float* source_row(const Job& j, int64_t r) {
   return m;
 }
 
-// dim 1, rows [r0, r1): sum, RMS and update per row while the row is in cache.
+inline const float* direction(const Job& j) { return j.momentum ? j.momentum : j.grad; }
+
+inline double row_sumsq(const float* s, int64_t cols) {
+  double sumsq = 0.0;
+#pragma omp simd reduction(+ : sumsq)
+  for (int64_t c = 0; c < cols; ++c) sumsq += double(s[c]) * s[c];
+  return sumsq;
+}
+
+inline float rms_of(double sumsq, int64_t n) { return std::max(float(std::sqrt(sumsq / n)), kRmsFloor); }
+
+// p = d * p - lr * s / rms, one RMS for the row.
+inline void update_row(float* p, const float* s, int64_t cols, float d, float lr, float rms) {
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms);
+}
+
+// dim 1, whole rows [r0, r1): sum, RMS and update per row while the row is in cache.
 void step_rows(const Job& j, int64_t r0, int64_t r1) {
-  const float d = decay(j), lr = float(j.lr);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = source_row(j, r);
-    double sumsq = 0.0;
-#pragma omp simd reduction(+ : sumsq)
-    for (int64_t c = 0; c < j.cols; ++c) sumsq += double(s[c]) * s[c];
-    const float rms = std::max(float(std::sqrt(sumsq / j.cols)), kRmsFloor);
-    float* p = j.param + r * j.cols;
-#pragma omp simd
-    for (int64_t c = 0; c < j.cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms);
+    update_row(j.param + r * j.cols, s, j.cols, decay(j), float(j.lr), rms_of(row_sumsq(s, j.cols), j.cols));
   }
 }
 
-// dim 0, first pass over rows [r0, r1): momentum, and the chunk's column sums of squares.
+// dim 0, rows [r0, r1): momentum, and the chunk's column sums of squares.
+// Rows are taken two at a time from the two halves of the range: two memory streams keep
+// more reads in flight on one core than one stream does.
 void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq) {
   std::fill(sumsq, sumsq + j.cols, 0.0);
-  for (int64_t r = r0; r < r1; ++r) {
+  const int64_t half = (r1 - r0) / 2;
+  for (int64_t r = r0; r < r0 + half; ++r) {
     const float* s = source_row(j, r);
+    const float* t = source_row(j, r + half);
+#pragma omp simd
+    for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c] + double(t[c]) * t[c];
+  }
+  if ((r1 - r0) % 2) {
+    const float* s = source_row(j, r1 - 1);
 #pragma omp simd
     for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c];
   }
 }
 
-// dim 0, second pass over rows [r0, r1), with the per-column RMS.
-void step_columns(const Job& j, int64_t r0, int64_t r1, const float* rms) {
-  const float* source = j.momentum ? j.momentum : j.grad;
+// Rows [r0, r1) with one RMS per column (dim 0) or per row (dim 1).
+void apply_rms(const Job& j, int64_t r0, int64_t r1, const float* rms) {
   const float d = decay(j), lr = float(j.lr);
   for (int64_t r = r0; r < r1; ++r) {
-    const float* s = source + r * j.cols;
+    const float* s = direction(j) + r * j.cols;
     float* p = j.param + r * j.cols;
+    if (j.dim == 1) {
+      update_row(p, s, j.cols, d, lr, rms[r]);
+      continue;
+    }
 #pragma omp simd
     for (int64_t c = 0; c < j.cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms[c]);
   }
@@ -106,8 +142,38 @@ void step_columns(const Job& j, int64_t r0, int64_t r1, const float* rms) {
 
 struct Chunk {
   int64_t job, r0, r1;
-  double* sumsq;  // dim 0 only: this chunk's column sums
+  double* sumsq;  // dim 0 first passes only: this chunk's column sums
 };
+
+// Every job's rows cut into chunks of about kChunkElems; `column_sums[k]` gets room for one
+// row of column sums per chunk of a dim-0 job when `with_column_sums`.
+std::vector<Chunk> make_chunks(const Job* jobs, int64_t n_jobs, bool with_column_sums,
+                               std::vector<std::vector<double>>& column_sums) {
+  std::vector<Chunk> chunks;
+  column_sums.assign(n_jobs, {});
+  for (int64_t k = 0; k < n_jobs; ++k) {
+    const Job& j = jobs[k];
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, j.cols));
+    const int64_t n_chunks = (j.rows + rows_per_chunk - 1) / rows_per_chunk;
+    const bool sums = with_column_sums && j.dim == 0;
+    if (sums) column_sums[k].resize(n_chunks * j.cols);
+    for (int64_t i = 0; i < n_chunks; ++i) {
+      const int64_t r0 = i * rows_per_chunk, r1 = std::min(j.rows, r0 + rows_per_chunk);
+      chunks.push_back({k, r0, r1, sums ? column_sums[k].data() + i * j.cols : nullptr});
+    }
+  }
+  return chunks;
+}
+
+// Adds a dim-0 job's per-chunk column sums into `total`, chunk by chunk in chunk order
+// (deterministic), each chunk's row of sums read sequentially.
+void add_column_sums(const std::vector<double>& sums, int64_t cols, double* total) {
+  for (size_t i = 0; i < sums.size(); i += cols) {
+    const double* chunk = sums.data() + i;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) total[c] += chunk[c];
+  }
+}
 
 // Runs `work(chunk)` for every chunk on `threads` threads (the caller's included).
 template <class Work>
@@ -125,40 +191,43 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int threads, const Work& 
 }  // namespace
 
 extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threads) {
-  std::vector<Chunk> first, second;  // first pass: rows and column sums; second: columns
-  std::vector<std::vector<double>> column_sums(n_jobs);
-  for (int64_t k = 0; k < n_jobs; ++k) {
-    const Job& j = jobs[k];
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, j.cols));
-    const int64_t n_chunks = (j.rows + rows_per_chunk - 1) / rows_per_chunk;
-    if (j.dim == 0) column_sums[k].resize(n_chunks * j.cols);
-    for (int64_t i = 0; i < n_chunks; ++i) {
-      const int64_t r0 = i * rows_per_chunk, r1 = std::min(j.rows, r0 + rows_per_chunk);
-      double* sumsq = j.dim == 0 ? column_sums[k].data() + i * j.cols : nullptr;
-      first.push_back({k, r0, r1, sumsq});
-      if (j.dim == 0) second.push_back({k, r0, r1, nullptr});
-    }
-  }
-  parallel_chunks(first, threads, [&](const Chunk& ch) {
+  std::vector<std::vector<double>> column_sums;
+  const std::vector<Chunk> chunks = make_chunks(jobs, n_jobs, true, column_sums);
+  parallel_chunks(chunks, threads, [&](const Chunk& ch) {
     const Job& j = jobs[ch.job];
     if (j.dim == 1) step_rows(j, ch.r0, ch.r1);
     else sum_columns(j, ch.r0, ch.r1, ch.sumsq);
   });
-  if (second.empty()) return;
-
   std::vector<std::vector<float>> rms(n_jobs);
-  for (int64_t k = 0; k < n_jobs; ++k) {
-    const Job& j = jobs[k];
+  std::vector<Chunk> second;  // dim 0: the update pass
+  for (const Chunk& ch : chunks) {
+    const Job& j = jobs[ch.job];
     if (j.dim != 0) continue;
-    rms[k].resize(j.cols);
-    const std::vector<double>& sums = column_sums[k];
-    for (int64_t c = 0; c < j.cols; ++c) {
-      double total = 0.0;
-      for (size_t i = c; i < sums.size(); i += j.cols) total += sums[i];  // chunk order
-      rms[k][c] = std::max(float(std::sqrt(total / j.rows)), kRmsFloor);
-    }
+    second.push_back(ch);
+    if (!rms[ch.job].empty()) continue;
+    std::vector<double> total(j.cols, 0.0);
+    add_column_sums(column_sums[ch.job], j.cols, total.data());
+    rms[ch.job].resize(j.cols);
+    for (int64_t c = 0; c < j.cols; ++c) rms[ch.job][c] = rms_of(total[c], j.rows);
   }
-  parallel_chunks(second, threads, [&](const Chunk& ch) {
-    step_columns(jobs[ch.job], ch.r0, ch.r1, rms[ch.job].data());
+  parallel_chunks(second, threads, [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, rms[ch.job].data()); });
+}
+
+extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads) {
+  std::vector<std::vector<double>> column_sums;
+  const std::vector<Chunk> chunks = make_chunks(jobs, n_jobs, true, column_sums);
+  parallel_chunks(chunks, threads, [&](const Chunk& ch) {
+    const Job& j = jobs[ch.job];
+    if (j.dim == 0) return sum_columns(j, ch.r0, ch.r1, ch.sumsq);
+    for (int64_t r = ch.r0; r < ch.r1; ++r) j.sumsq[r] += row_sumsq(source_row(j, r), j.cols);
   });
+  // Several blocks of one piece add into the same columns: job by job, in order.
+  for (int64_t k = 0; k < n_jobs; ++k)
+    if (jobs[k].dim == 0) add_column_sums(column_sums[k], jobs[k].cols, jobs[k].sumsq);
+}
+
+extern "C" void scale_apply_rms(const Job* jobs, int64_t n_jobs, int threads) {
+  std::vector<std::vector<double>> unused;
+  parallel_chunks(make_chunks(jobs, n_jobs, false, unused), threads,
+                  [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, jobs[ch.job].rms); });
 }

@@ -13,8 +13,11 @@ Arithmetic is fp32 whatever the parameter dtype. See docs/algorithm.md, "The upd
 
 A rank may hold only part of a parameter (FSDP2, ZeRO): every tensor the step sees is a
 list of pieces, each a `ShardLayout` at an offset of the tensor's flat values, and
-`shard_layout.batched_rms` turns local partial sums into the full-parameter RMS with one
-all_reduce per process group (docs/algorithm.md, "Partial sums").
+`shard_layout.PartialSums` turns local partial sums into the full-parameter RMS with one
+all_reduce per process group (docs/algorithm.md, "Partial sums"). The step runs in two
+phases around that all_reduce: momentum and partial sums, then decay and the update; on
+CPU the fused kernel (`scale_zero.native`) runs both phases, and pieces whose RMS is local
+take its one-pass step.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from scale_zero import native
 from scale_zero.dtensor import dtensor_layout, dtensor_offset, local_tensor
 from scale_zero.param_groups import module_roles, normalized_shape, param_shape, role_from_name
 from scale_zero.rounding import block_index, round_into_, stream_key
-from scale_zero.shard_layout import Block, CommStats, ShardLayout, batched_rms
+from scale_zero.shard_layout import Block, CommStats, PartialSums, ShardLayout, batched_rms
 
 ROLES = ("matrix", "embedding", "output", "vector")
 # The dim each role's RMS reduces over: matrix and output rows, embedding columns.
@@ -42,9 +45,11 @@ NORM_DIMS = {"matrix": 1, "embedding": 0, "output": 1}
 # ---------------------------------------------------------------- the update, on fp32 flats
 
 
-def momentum_(m: torch.Tensor, g: torch.Tensor, beta: float) -> None:
-    """m = lerp(m, g, 1 - beta): an EMA of the gradient, no bias correction (the output layer)."""
-    m.lerp_(g, 1 - beta)
+def momentum_(ms: list[torch.Tensor], gs: list[torch.Tensor], beta: float) -> None:
+    """m = lerp(m, g, 1 - beta) for each pair: an EMA of the gradient, no bias correction
+    (the output layer). One foreach call, not one op per tensor."""
+    if ms:
+        torch._foreach_lerp_(ms, gs, 1 - beta)
 
 
 def normalized_update_(
@@ -135,7 +140,7 @@ def chunked_momentum_(layout: ShardLayout, m: torch.Tensor, g: torch.Tensor, bet
     for block in layout.blocks:
         for chunk in row_chunks(block):
             m32 = chunk.view(m).float()
-            momentum_(m32, chunk.view(g).float(), beta)
+            momentum_([m32], [chunk.view(g).float()], beta)
             _write_(rounding, FIRST_MOMENT, layout.shape, chunk, chunk.view(m), m32)
 
 
@@ -223,18 +228,23 @@ class _Piece:
         return all(b.span(1 - self.dim)[1] - b.span(1 - self.dim)[0] == full for b in self.layout.blocks)
 
 
-def _fused(piece: _Piece) -> bool:
-    """Whether the fused CPU kernel takes this piece: momentum, RMS and update in one pass."""
-    return piece.rms_is_local() and native.accepts(piece.param, piece.grad, piece.momentum) and native.available()
+def _by_kernel(piece: _Piece) -> bool:
+    """Whether the fused CPU kernel steps this piece (both phases, or the one-pass step)."""
+    return piece.dim is not None and native.accepts(piece.param, piece.grad, piece.momentum) and native.available()
 
 
-def _kernel_blocks(pieces: Sequence[_Piece]) -> list[native.KernelBlock]:
+def _kernel_blocks(
+    pieces: Sequence[_Piece], stats: Sequence[torch.Tensor] | None = None
+) -> list[native.KernelBlock]:
+    """Every block of these pieces; `stats[i]`, piece i's per-row or per-column statistic
+    (full length), handed to each block as the entries it spans."""
     return [
         native.KernelBlock(
             piece.param, piece.grad, piece.momentum, block.offset, block.r1 - block.r0, block.c1 - block.c0,
             piece.dim, piece.lr, piece.weight_decay, piece.beta,
+            None if stats is None else stats[i][slice(*block.span(piece.dim))],
         )
-        for piece in pieces
+        for i, piece in enumerate(pieces)
         for block in piece.layout.blocks
     ]
 
@@ -470,23 +480,7 @@ class SCALE(Optimizer):
                 units_stepped += units
 
         pieces = self._step_low_precision(pieces)
-        # Pieces whose RMS is local: the fused kernel does all of the below in one pass.
-        native.normalized_step_(_kernel_blocks([p for p in pieces if _fused(p)]))
-        pieces = [p for p in pieces if not _fused(p)]
-        # Phase 1: momentum, where the role keeps it.
-        for piece in pieces:
-            if piece.momentum is not None:
-                momentum_(piece.momentum, piece.grad, piece.beta)
-        # The full-parameter RMS of every direction: one all_reduce per process group.
-        rms = iter(batched_rms(
-            [(piece.layout, piece.direction, piece.dim) for piece in pieces if piece.dim is not None], self.comm_stats
-        ))
-        # Phase 2: decay and the normalized update.
-        for piece in pieces:
-            piece_rms = None if piece.dim is None else next(rms)
-            normalized_update_(
-                piece.layout, piece.param, piece.direction, piece_rms, piece.dim, piece.lr, piece.weight_decay
-            )
+        self._normalized_step(pieces)
         # AdamW for vectors.
         for group, units in vectors:
             self._adamw(group, units)
@@ -510,6 +504,40 @@ class SCALE(Optimizer):
         from scale_zero.deepspeed_zero import bind_at_first_step
 
         bind_at_first_step(self)
+
+    def _normalized_step(self, pieces: list[_Piece]) -> None:
+        """Every normalized piece, in two phases around ONE all_reduce per process group:
+        momentum and this rank's partial sums of squares, then decay and the update. On CPU
+        the fused kernel runs both phases; a piece whose RMS is local takes its one pass."""
+        one_pass, kernel, torch_path = [], [], []
+        for piece in pieces:
+            by_kernel = _by_kernel(piece)
+            (one_pass if by_kernel and piece.rms_is_local() else kernel if by_kernel else torch_path).append(piece)
+        native.normalized_step_(_kernel_blocks(one_pass))
+        normalized = kernel + [p for p in torch_path if p.dim is not None]  # their slots, in this order
+        # No normalized piece (plain SGD only, or nothing): no statistic, no collective.
+        sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].param.device) if normalized else None
+
+        # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
+        native.partial_sums_(_kernel_blocks(kernel, [sums.slot(i) for i in range(len(kernel))]))
+        for beta in {p.beta for p in torch_path if p.momentum is not None}:
+            with_momentum = [p for p in torch_path if p.momentum is not None and p.beta == beta]
+            momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
+        for i, piece in enumerate(normalized[len(kernel) :], start=len(kernel)):
+            sums.add_(i, piece.direction)
+        # The full-parameter RMS of every direction: one all_reduce per process group.
+        rms = []
+        if sums is not None:
+            sums.all_reduce(self.comm_stats)
+            rms = sums.rms()
+        # Phase 2: decay and the normalized update.
+        native.apply_rms_(_kernel_blocks(kernel, rms[: len(kernel)]))
+        torch_rms = iter(rms[len(kernel) :])
+        for piece in torch_path:
+            normalized_update_(
+                piece.layout, piece.param, piece.direction, None if piece.dim is None else next(torch_rms),
+                piece.dim, piece.lr, piece.weight_decay,
+            )
 
     def _count_step(self) -> None:
         """Start a new `comm_stats` count if this call holds a tensor the current one stepped."""

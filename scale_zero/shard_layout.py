@@ -11,7 +11,7 @@ blocks of that matrix stored, row-major, in the rank's local flat tensor:
 
 A reduction over `dim` needs a collective only when the partition cuts that dim; the
 layout names the process group for each such dim. `batched_rms` adds every piece's
-partial sums of squares into fixed slots of ONE fp32 buffer per process group and issues
+partial sums of squares into fixed slots of ONE fp64 buffer per process group and issues
 ONE `all_reduce(SUM)` per buffer, in the same order with the same sizes on every rank,
 including ranks that hold nothing of a parameter (docs/algorithm.md, "Partial sums").
 This module is geometry and that one reduction; the update itself is in `scale_zero.scale`.
@@ -128,6 +128,69 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return device
 
 
+class PartialSums:
+    """The batched buffer: for each `(layout, dim)`, a slot of one fp64 sum of squares per
+    entry of the full parameter's per-row (dim=1) or per-column (dim=0) statistic, in ONE
+    buffer per process group. Fill the slots with this rank's partial sums (`add_`, or the
+    fused kernel through `slot`), `all_reduce` once per group, then read `rms`.
+
+    fp64 because a sum of fp32 squares is not safe in fp32: a row of 1e25 overflows it and
+    one of subnormals vanishes; fp32 values squared span ~2e-90 .. 1.2e77, well inside fp64."""
+
+    def __init__(self, pieces: Sequence[tuple[ShardLayout, int]], device: torch.device):
+        self.pieces = list(pieces)
+        self.slots, sizes, counts = [], {}, {}
+        for layout, dim in self.pieces:
+            group = layout.split_groups.get(dim)
+            start = sizes.get(group, 0)
+            sizes[group] = start + layout.shape[1 - dim]
+            self.slots.append((group, start))
+            counts.setdefault(group, []).append((layout.shape[dim], layout.shape[1 - dim]))
+        self.buffers = {g: torch.zeros(n, dtype=torch.float64, device=device) for g, n in sizes.items()}
+        # Per entry, how many values its mean is over: the full parameter's size along dim.
+        self._counts = {
+            g: torch.tensor([n for n, _ in c], dtype=torch.float64).repeat_interleave(
+                torch.tensor([k for _, k in c])).to(device)
+            for g, c in counts.items()
+        }
+
+    def slot(self, i: int) -> torch.Tensor:
+        """Piece i's entries, the full length of its statistic."""
+        (layout, dim), (group, start) = self.pieces[i], self.slots[i]
+        return self.buffers[group][start : start + layout.shape[1 - dim]]
+
+    def add_(self, i: int, flat: torch.Tensor) -> None:
+        """Piece i's partial sums of squares, from `flat`, what this rank holds of it."""
+        layout, dim = self.pieces[i]
+        slot = self.slot(i)
+        for block in layout.blocks:
+            lo, hi = block.span(dim)
+            partial = torch.linalg.vector_norm(block.view(flat), dim=dim, dtype=torch.float64)
+            slot[lo:hi].addcmul_(partial, partial)
+
+    def all_reduce(self, stats: CommStats | None = None) -> None:
+        """ONE all_reduce(SUM) per process group, in the same order with the same sizes on
+        every rank (those holding nothing of a parameter included)."""
+        for group, buf in self.buffers.items():
+            if group is None:
+                continue
+            comm_buf = buf.to(_comm_device(group, buf.device))
+            dist.all_reduce(comm_buf, op=dist.ReduceOp.SUM, group=group)
+            buf.copy_(comm_buf)
+            if stats is not None:
+                stats.collectives += 1
+                stats.bytes += buf.numel() * buf.element_size()
+
+    def rms(self) -> list[torch.Tensor]:
+        """Per piece, the fp32 RMS over dim of the FULL parameter, floored at 1e-8."""
+        full = {
+            g: buf.div(self._counts[g]).sqrt_().to(torch.float32).clamp_min_(RMS_FLOOR)
+            for g, buf in self.buffers.items()
+        }
+        return [full[group][start : start + layout.shape[1 - dim]]
+                for (layout, dim), (group, start) in zip(self.pieces, self.slots)]
+
+
 def batched_rms(
     pieces: Sequence[tuple[ShardLayout, torch.Tensor, int]], stats: CommStats | None = None
 ) -> list[torch.Tensor]:
@@ -137,34 +200,8 @@ def batched_rms(
     `local_flat` is what this rank holds (may be empty). One all_reduce per process group."""
     if not pieces:
         return []
-    device = pieces[0][1].device
-    slots, sizes = [], {}
-    for layout, _, dim in pieces:
-        group = layout.split_groups.get(dim)
-        start = sizes.get(group, 0)
-        sizes[group] = start + layout.shape[1 - dim]
-        slots.append((group, start))
-    buffers = {g: torch.zeros(n, dtype=torch.float32, device=device) for g, n in sizes.items()}
-
-    for (layout, flat, dim), (group, start) in zip(pieces, slots):
-        for block in layout.blocks:
-            lo, hi = block.span(dim)
-            partial = torch.linalg.vector_norm(block.view(flat), dim=dim, dtype=torch.float32)
-            buffers[group][start + lo : start + hi].addcmul_(partial, partial)
-
-    for group, buf in buffers.items():
-        if group is None:
-            continue
-        comm_buf = buf.to(_comm_device(group, buf.device))
-        dist.all_reduce(comm_buf, op=dist.ReduceOp.SUM, group=group)
-        buf.copy_(comm_buf)
-        if stats is not None:
-            stats.collectives += 1
-            stats.bytes += buf.numel() * buf.element_size()
-
-    rms = []
-    for (layout, _, dim), (group, start) in zip(pieces, slots):
-        sumsq = buffers[group][start : start + layout.shape[1 - dim]]
-        rms.append(sumsq.div_(layout.shape[dim]).sqrt_().clamp_min_(RMS_FLOOR))
-    return rms
-
+    sums = PartialSums([(layout, dim) for layout, _, dim in pieces], pieces[0][1].device)
+    for i, (_, flat, _) in enumerate(pieces):
+        sums.add_(i, flat)
+    sums.all_reduce(stats)
+    return sums.rms()

@@ -133,3 +133,67 @@ def test_fused_step_is_deterministic(monkeypatch):
     run_scale(a, True, monkeypatch, lr=1e-2)
     run_scale(b, True, monkeypatch, lr=1e-2)
     assert torch.equal(flat(a), flat(b))
+
+
+# ---------------------------------------------------------------- both phases, cut pieces, extreme values
+
+# (shape, [start, end) of its row-major flattening) per piece of one flat: whole rows, a
+# range cutting the first and last row, one inside a single row, and the whole parameter.
+CUT_PIECES = [((13, 48), 0, 13 * 48), ((13, 48), 30, 400), ((9, 33), 40, 60), ((6, 130), 0, 6 * 130)]
+
+
+def gradients(kind: str, shape, gen) -> torch.Tensor:
+    g = torch.randn(shape, generator=gen)
+    if kind == "extreme":
+        g[0] *= 1e25  # its fp32 sum of squares would overflow
+        g[1] = 0  # zero row: a zero update
+        g[2] *= 1e-40  # subnormals
+        g[3:, 3] *= 1e25  # a column of 1e25 (the embedding's statistic)
+    return g
+
+
+def expected_step(p, g, start, end, shape, dim, momentum, lr, weight_decay, beta):
+    """One step from zero momentum, in fp64, of the range [start, end) alone (no group)."""
+    rows, cols = shape
+    s = g.double() * (1 - beta) if momentum else g.double()
+    full = torch.zeros(rows * cols, dtype=torch.float64)
+    full[start:end] = s
+    rms = full.view(rows, cols).square().mean(dim).sqrt().clamp_min(1e-8).float().double()
+    per_element = rms.unsqueeze(dim).expand(rows, cols).reshape(-1)[start:end]
+    return (p.double() * (1 - lr * weight_decay) - lr * s / per_element).float()
+
+
+@pytest.mark.parametrize("kind", ["ordinary", "extreme"])
+@pytest.mark.parametrize("role", ["matrix", "embedding", "output"])
+def test_both_phases_match_torch_path_and_fp64(kind, role, monkeypatch):
+    """Pieces cut by the partition take the kernel's two phases, whole ones its one pass;
+    the torch path computes the same, within 1e-6, on rows of 1e25, zero rows and subnormals."""
+    lr, weight_decay, beta = 1e-2, 0.1, 0.9
+    gen = torch.Generator().manual_seed(3)
+    numels = [end - start for _, start, end in CUT_PIECES]
+    offsets = [sum(numels[:i]) for i in range(len(numels))]
+    p0 = torch.randn(sum(numels), generator=gen)
+    g = torch.cat([gradients(kind, shape, gen).flatten()[start:end] for shape, start, end in CUT_PIECES])
+    results = []
+    for fused in (True, False):
+        flat_param = p0.clone()
+        flat_param.grad = g.clone()
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(native, "available", lambda: False)
+            opt = SCALE([{"params": [flat_param], "role": role}], lr=lr, weight_decay=weight_decay, momentum=beta)
+            opt.bind_flat(flat_param, [(o, ShardLayout.flat_range(s, a, b)) for o, (s, a, b) in zip(offsets, CUT_PIECES)], role)
+            opt.step()
+        assert torch.isfinite(flat_param).all()
+        results.append(flat_param)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
+    dim = {"matrix": 1, "embedding": 0, "output": 1}[role]
+    expected = torch.cat([
+        expected_step(p0[o : o + b - a], g[o : o + b - a], a, b, s, dim, role == "output", lr, weight_decay, beta)
+        for o, (s, a, b) in zip(offsets, CUT_PIECES)
+    ])
+    for got in results:
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    if kind == "extreme" and dim == 1:  # the 1e25 row moved by about lr per element, not zero
+        first_row = slice(0, 48)
+        assert (results[0][first_row] - p0[first_row] * (1 - lr * weight_decay)).abs().max() > lr / 2

@@ -109,4 +109,4 @@ def test_batched_rms_over_gloo_ranks_issues_one_all_reduce():
         for got, want in zip(rms, expected):
             torch.testing.assert_close(got, want)
         assert stats.collectives == 1
-        assert stats.bytes == 4 * sum(a + b for a, b in shapes)
+        assert stats.bytes == 8 * sum(a + b for a, b in shapes)  # fp64 sums of squares
