@@ -102,8 +102,8 @@ class Variant:
 
 
 VARIANTS = {
-    "default": Variant("fused CPU kernel where SCALE has one (the default)"),
-    "torch-path": Variant("SCALE's torch path", env=(("SCALE_ZERO_NATIVE", "0"),)),
+    "default": Variant("default"),
+    "torch-path": Variant("torch path", env=(("SCALE_ZERO_NATIVE", "0"),)),
 }
 # Variants that only change rounding, not the method: their spread is part of each best point's.
 SPREAD_VARIANTS = ("default", "torch-path")
@@ -237,6 +237,14 @@ def load_run(run_dir: Path) -> Run:
     return run
 
 
+def finished(run: Run) -> Run | None:
+    """The run already in its dir, if that ran the same command in the same environment."""
+    if not (run.run_dir / "run.json").exists():
+        return None
+    kept = load_run(run.run_dir)
+    return kept if (kept.argv, kept.env, kept.error) == (run.argv, run.env, None) else None
+
+
 class Campaign:
     """The runs in order, each started only if the time budget still holds one more."""
 
@@ -259,6 +267,11 @@ class Campaign:
         if (done := self.find(method, lr, adam_lr, seed, variant)) is not None:
             return done
         run = new_run(self.args, method, lr, adam_lr, seed, variant, stage)
+        if self.args.reuse and (kept := finished(run)) is not None:
+            self.runs.append(kept)
+            self.save()
+            print(f"[{stage} {len(self.runs)}] {run.run_dir.name:<44} reused", flush=True)
+            return kept
         elapsed = time.perf_counter() - self.started
         typical = max((r.wall_s for r in self.runs), default=0.0)
         if elapsed + typical > 60 * self.args.time_budget_min:
@@ -302,21 +315,29 @@ def campaign(args, record: dict, record_path: Path) -> Campaign:
     for name in args.methods:
         m = METHODS[name]
         lr = c.tune(m.lrs, lambda lr, m=m: (m.optimizer, lr, m.default_adam_lr(lr)), "sweep")
-        best[name] = (lr, METHODS[name].default_adam_lr(lr)) if lr is not None else None
-    if "scale" in args.methods and best["scale"] is not None:
+        if lr is not None:
+            best[name] = (lr, m.default_adam_lr(lr))
+    # The first repeat seed and the kernel path before SCALE's 1-D rate: a campaign cut short by
+    # its time budget then still has a spread at every best point of the lr sweep.
+    spread(c, best, args.repeat_seeds[:1])
+    if "scale" in best:
         lr = best["scale"][0]
-        adam_lr = c.tune([nice(r * lr) for r in SCALE_ADAM_LR_RATIOS],
-                         lambda a: ("scale", lr, a), "1-D rate")
-        best["scale"] = (lr, adam_lr)
+        best["scale"] = (lr, c.tune([nice(r * lr) for r in SCALE_ADAM_LR_RATIOS], lambda a: ("scale", lr, a),
+                                    "1-D rate"))
     if "adamw" in args.methods:
         c.run("adamw", PAPER_ADAMW_LR, None, "paper recipe")
-    points = [(name, *best[name]) for name in args.methods if best[name] is not None]
+    spread(c, best, args.repeat_seeds)  # runs already done are not repeated
+    return c
+
+
+def spread(c: Campaign, best: dict, seeds: list[int]) -> None:
+    """SCALE's best point on the other kernel path (the variants change SCALE's kernel, which the
+    other SCALE-family methods share), then every best point with each seed."""
     for variant in SPREAD_VARIANTS[1:]:
-        for name, lr, adam_lr in points:
-            if name == "scale":  # the variants change SCALE's kernel; the other methods share its code
-                c.run(name, lr, adam_lr, "kernel path", variant=variant)
-    for seed in args.repeat_seeds:
-        for name, lr, adam_lr in points:
+        if "scale" in best:
+            c.run("scale", *best["scale"], "kernel path", variant=variant)
+    for seed in seeds:
+        for name, (lr, adam_lr) in best.items():
             c.run(name, lr, adam_lr, "seeds", seed=seed)
     return c
 
@@ -468,6 +489,9 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
         "`--report-only` rebuilds this page from the run dirs).",
         "",
     ]
+    if record.get("invocations", [record["command"]]) != [record["command"]]:
+        lines += ["This page's campaign ran as " + ", then ".join(f"`{c}`" for c in record["invocations"])
+                  + " (`--reuse` kept the finished runs of the one before).", ""]
     if partial:
         lines += [f"**Partial**: the time budget ran out before {len(partial)} planned runs: "
                   + ", ".join(f"`{name}`" for name in partial) + ".", ""]
@@ -502,11 +526,12 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
         "of that point: every run that changes only the seed (initialization and data order) or SCALE's kernel "
         "path. Spread = max - min over those runs.",
         "",
-        "| method | best peak lr | adam_lr (1-D) | runs (seed/path) | final val ppl | mean | min-max | spread |",
+        "| method | best peak lr | adam_lr (1-D) | runs (seed, variant) | final val ppl | mean | min-max | spread |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, b in best.items():
-        what = ", ".join(f"{r.seed}" + ("/torch" if r.variant == "torch-path" else "") for r in b.spread)
+        what = ", ".join(f"{r.seed}" + ("" if r.variant == "default" else f" {VARIANTS[r.variant].label}")
+                         for r in b.spread)
         lines.append(f"| {METHODS[method].label} | {b.run.lr:g} | {fmt(b.run.adam_lr)} | {what} | "
                      + " / ".join(fmt_ppl(x) for x in b.ppl)
                      + f" | **{fmt_ppl(b.mean)}** | {fmt_ppl(b.low)}-{fmt_ppl(b.high)} | {fmt_ppl(b.high - b.low)} |")
@@ -574,6 +599,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--repeat-seeds", default="1,2", help="seeds to rerun each best point with ('' = none)")
     p.add_argument("--max-extensions", type=int, default=1, help="grid steps past an edge best, per knob")
+    p.add_argument("--reuse", action="store_true", help="keep runs whose dir holds a finished run of the same "
+                   "command (to continue a campaign cut short)")
     p.add_argument("--time-budget-min", type=float, default=math.inf,
                    help="start no run that would end past this many minutes (the report says what was skipped)")
     args = p.parse_args(argv)
@@ -598,6 +625,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def reproduce_command(args) -> str:
+    """The campaign's command without the options that only decide how much of it ran when."""
+    argv = ["python", "benchmarks/convergence.py", "--out", str(args.out)]
+    defaults = parse_args([])
+    for name in ("run_root", "methods", "steps", "batch", "seq_len", "eval_every", "eval_tokens", "log_every",
+                 "repeat_seeds", "max_extensions"):
+        if getattr(args, name) != getattr(defaults, name):
+            value = getattr(args, name)
+            argv += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(argv)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     record_path = args.run_root / "campaign.json"
@@ -610,7 +649,10 @@ def main(argv=None) -> None:
         report(args, record, runs)
         return
     command = shlex.join(["python", "benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
-    record = {"command": command, "started": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+    earlier = json.loads(record_path.read_text()) if args.reuse and record_path.exists() else {}
+    record = {"command": reproduce_command(args),
+              "invocations": [*earlier.get("invocations", []), command],
+              "started": earlier.get("started", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"),
               "environment": environment(),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "runs": [], "skipped": []}
