@@ -424,14 +424,30 @@ def best_points(runs: list[Run]) -> dict[str, Best]:
 
 
 def ranking(best: dict[str, Best]) -> str:
-    """Methods by mean; `<` only where the spreads (min-max) do not overlap, else `~`."""
+    """Methods by mean; `<` only where both spreads are measured (2+ runs) and their min-max
+    ranges do not overlap, `~` where they overlap, `?` where a spread is missing."""
     order = sorted(best.values(), key=lambda b: b.mean)
     text = ""
     for i, b in enumerate(order):
         if i:
-            text += " < " if order[i - 1].high < b.low else " ~ "
-        text += f"{METHODS[b.run.method].label} ({fmt_ppl(b.mean)}, {fmt_ppl(b.low)}-{fmt_ppl(b.high)})"
+            a = order[i - 1]
+            text += " ? " if min(len(a.spread), len(b.spread)) < 2 else " < " if a.high < b.low else " ~ "
+        text += f"{METHODS[b.run.method].label} ({fmt_ppl(b.mean)}, {fmt_ppl(b.low)}-{fmt_ppl(b.high)}"
+        text += ")" if len(b.spread) > 1 else ", one run)"
     return text
+
+
+def interior(runs: list[Run], best: Run) -> str:
+    """Whether each knob tuned at the best point has a finished seed-0 run on both sides of it."""
+    tuned = [r for r in runs if r.method == best.method and r.seed == 0 and r.variant == "default"
+             and r.error is None]
+    knobs = {"lr": {r.lr for r in tuned if r.adam_lr == METHODS[best.method].default_adam_lr(r.lr)} | {best.lr}}
+    adam_lrs = {r.adam_lr for r in tuned if r.lr == best.lr and r.adam_lr is not None}
+    if len(adam_lrs) > 1:
+        knobs["adam_lr"] = adam_lrs
+    edges = [f"{name}: none {'below' if value == min(values) else 'above'}"
+             for name, values in knobs.items() if (value := getattr(best, name)) in (min(values), max(values))]
+    return "no (" + "; ".join(edges) + ")" if edges else "yes"
 
 
 def write_plot(runs: list[Run], best: dict[str, Best], tokens_per_step: int, path: Path) -> None:
@@ -526,19 +542,24 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
         "of that point: every run that changes only the seed (initialization and data order) or SCALE's kernel "
         "path. Spread = max - min over those runs.",
         "",
-        "| method | best peak lr | adam_lr (1-D) | runs (seed, variant) | final val ppl | mean | min-max | spread |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | best peak lr | adam_lr (1-D) | interior | runs (seed, variant) | final val ppl | mean | min-max "
+        "| spread |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, b in best.items():
         what = ", ".join(f"{r.seed}" + ("" if r.variant == "default" else f" {VARIANTS[r.variant].label}")
                          for r in b.spread)
-        lines.append(f"| {METHODS[method].label} | {b.run.lr:g} | {fmt(b.run.adam_lr)} | {what} | "
+        lines.append(f"| {METHODS[method].label} | {b.run.lr:g} | {fmt(b.run.adam_lr)} | {interior(runs, b.run)} | "
+                     f"{what} | "
                      + " / ".join(fmt_ppl(x) for x in b.ppl)
-                     + f" | **{fmt_ppl(b.mean)}** | {fmt_ppl(b.low)}-{fmt_ppl(b.high)} | {fmt_ppl(b.high - b.low)} |")
+                     + f" | **{fmt_ppl(b.mean)}** | "
+                     + (f"{fmt_ppl(b.low)}-{fmt_ppl(b.high)} | {fmt_ppl(b.high - b.low)} |" if len(b.spread) > 1
+                        else "- | not measured |"))
     lines += [
         "",
-        "Ranking by mean, `<` only where the two min-max ranges do not overlap (`~`: not resolved at this spread): "
-        + ranking(best) + ".",
+        "Interior: the best value of each tuned knob has a finished run on both sides. Ranking by mean; `<` only "
+        "where both spreads are measured and the two min-max ranges do not overlap, `~` where they overlap, `?` "
+        "where a spread is missing (one run): " + ranking(best) + ".",
         "",
         "![curves and lr sensitivity](convergence.png)",
         "",
