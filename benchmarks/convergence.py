@@ -116,6 +116,7 @@ COMMON_FLAGS = ("--warmup-ratio", "0.1", "--min-lr-ratio", "0.1", "--momentum", 
 RUN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1073741824",
            "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
 KERNEL_FAILED = "fused CPU kernel did not build"
+CODE = ("scale_zero", "launch", "benchmarks", "models", "pyproject.toml")  # what decides a run's numbers
 FIRST_BUDGET = 60 * 16 * 128  # tokens per run of this benchmark's first version
 
 
@@ -362,7 +363,9 @@ def environment() -> dict:
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {
         "machine": machine(),
-        "commit": git("rev-parse", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain") else ""),
+        # the code the runs execute; the results this benchmark writes do not count as changes
+        "commit": git("rev-parse", "HEAD") + (" (with uncommitted changes)" if git(
+            "status", "--porcelain", "--untracked-files=no", "--", *CODE) else ""),
         "python": platform.python_version(),
         **{pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers", "tensorboard")},
         "torch_threads": int(probe[0]), "torch_interop_threads": int(probe[1]), "cpu_capability": probe[2],
@@ -501,8 +504,7 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
     lines = [
         "# Convergence at small scale: SCALE, AdamW, SGD, column-normalized SGD",
         "",
-        f"Reproduce: `{record['command']}` (about {sum(r.wall_s for r in runs) / 60:.0f} minutes on this machine; "
-        "`--report-only` rebuilds this page from the run dirs).",
+        f"Reproduce: `{record['command']}` (`--report-only` rebuilds this page from the run dirs).",
         "",
     ]
     if record.get("invocations", [record["command"]]) != [record["command"]]:
@@ -672,7 +674,7 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
     earlier = json.loads(record_path.read_text()) if args.reuse and record_path.exists() else {}
     record = {"command": reproduce_command(args),
-              "invocations": [*earlier.get("invocations", []), command],
+              "invocations": [*(c for c in earlier.get("invocations", []) if c != command), command],
               "started": earlier.get("started", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"),
               "environment": environment(),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
