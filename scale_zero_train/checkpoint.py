@@ -431,7 +431,7 @@ def save_failure(error: BaseException, root: Path, needed: int) -> str:
             "is kept: fix the cause and resume with --resume auto")
 
 
-def _engine_safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """The non-container types DeepSpeed pickles into its optimizer files (their attributes
     still pass the weights-only unpickler)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -484,8 +484,8 @@ def check_dcp_metadata(path: Path) -> None:
 
 def check_loadable(path: Path, backend: str) -> None:
     """Every torch file of checkpoint `path` passes torch's weights-only unpickler (DeepSpeed's
-    with its ZeroStageEnum allowed) before DeepSpeed loads them with weights_only=False."""
-    safe_globals = _engine_safe_globals() if backend == "deepspeed" else []
+    with its ZeroStageEnum allowed) before DeepSpeed loads them its own (unrestricted) way."""
+    safe_globals = deepspeed_safe_globals() if backend == "deepspeed" else []
     for file in sorted(Path(path).rglob("*.pt")):
         safe_load(file, safe_globals)
     metadata = Path(path) / "dcp" / ".metadata"

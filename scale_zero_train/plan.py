@@ -358,17 +358,15 @@ def check_fits(
     seq_len: int,
     gpu_memory_gib: float,
     optimizer: str = "scale",
-    engine: str | EngineConfig = "zero3",
-    activation_checkpointing: bool = False,
-    reserve_gib: float = 2.0,
+    *,
     global_batch_size: int | None = None,
+    **options,
 ) -> Estimate:
     """Refuse up front a run that cannot fit: raises MemoryPlanError with the per-GPU numbers
     and what would fit (a smaller micro batch, dividing `global_batch_size` over the ranks
-    when given; activation checkpointing; more ranks)."""
-    plan = estimate(
-        model, world_size, micro_batch_size, seq_len, optimizer, engine, activation_checkpointing, gpu_memory_gib, reserve_gib
-    )
+    when given; activation checkpointing; more ranks). `options` are `estimate`'s (engine,
+    activation_checkpointing, reserve_gib)."""
+    plan = estimate(model, world_size, micro_batch_size, seq_len, optimizer, gpu_memory_gib=gpu_memory_gib, **options)
     if plan.fits:
         return plan
     parts = ", ".join(f"{name} {gib(b)}" for name, b in plan.parts.items())
@@ -379,8 +377,9 @@ def check_fits(
     ]
     if smaller:
         ways.append(f"--micro-batch-size {smaller[0]} (gradient accumulation keeps the global batch)")
-    if not activation_checkpointing:
-        with_ac = estimate(model, world_size, micro_batch_size, seq_len, optimizer, engine, True, gpu_memory_gib, reserve_gib)
+    if not plan.activation_checkpointing:
+        with_ac = estimate(model, world_size, micro_batch_size, seq_len, optimizer, gpu_memory_gib=gpu_memory_gib,
+                           **{**options, "activation_checkpointing": True})
         if with_ac.fits:
             ways.append(f"--activation-checkpointing (needs {gib(with_ac.total)} GiB)")
     if plan.engine != "zero3":
@@ -518,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.optimizer and args.gpu_memory is not None:
             for engine in engines:
                 check_fits(args.model, world, args.micro_batch_size, args.seq_len, args.gpu_memory, args.optimizer,
-                           engine, args.activation_checkpointing, args.reserve)
+                           engine=engine, activation_checkpointing=args.activation_checkpointing,
+                           reserve_gib=args.reserve)
             print(f"\n{args.optimizer} fits under {', '.join(e.engine for e in engines)}.")
     except (MemoryPlanError, ConfigError) as err:
         print(f"\nerror: {err}", file=sys.stderr)

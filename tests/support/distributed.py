@@ -37,4 +37,4 @@ def run_distributed(fn, world_size: int, *args) -> list:
     list of per-rank results. A failure on any rank fails the caller."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]

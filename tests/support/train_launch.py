@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scale_zero_train.checkpoint import deepspeed_safe_globals, safe_load
 from scale_zero_train.train import main
 from tests.support.distributed import free_port
 
@@ -64,13 +65,13 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: DeepSpeed's files, the FSDP2 DCP folder, per-rank trainer state."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    found = {}
+    found, allowed = {}, deepspeed_safe_globals()
     for f in sorted(folder.rglob("*.pt")):
-        found.update(tensors(torch.load(f, weights_only=False, map_location="cpu"), f.relative_to(folder).as_posix()))
+        found.update(tensors(safe_load(f, allowed), f.relative_to(folder).as_posix()))
     if (folder / "dcp").is_dir():
         merged = folder.parent / f"{folder.name}.merged.pt"
         dcp_to_torch_save(folder / "dcp", merged)
-        found.update(tensors(torch.load(merged, weights_only=False), "dcp"))
+        found.update(tensors(safe_load(merged), "dcp"))
         merged.unlink()
     return found
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scale_zero_train.checkpoint import deepspeed_safe_globals, safe_load
 from scale_zero_train.config import load_config, parse_args
 from scale_zero_train.presets import preset
 from tests.support.distributed import free_port
@@ -61,7 +62,7 @@ def _masters(checkpoint: Path) -> dict[int, list[torch.Tensor]]:
     found = {}
     for path in sorted((checkpoint / "engine").glob("*zero_pp_rank_*_optim_states.pt")):
         rank = int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
-        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        state = safe_load(path, deepspeed_safe_globals())["optimizer_state_dict"]
         found[rank] = state["fp32_flat_groups"]
     return found
 
