@@ -104,6 +104,9 @@ class Variant:
 VARIANTS = {
     "default": Variant("default"),
     "torch-path": Variant("torch path", env=(("SCALE_ZERO_NATIVE", "0"),)),
+    # master-free bf16 (docs/optimizer.md): the FSDP2 shards, gradients and SCALE's state in bf16
+    "bf16-sr": Variant("master-free bf16, stochastic rounding", flags=("--master-weights", "bf16")),
+    "bf16-nearest": Variant("master-free bf16, round-to-nearest", flags=("--master-weights", "bf16-nearest")),
 }
 # Variants that only change rounding, not the method: their spread is part of each best point's.
 SPREAD_VARIANTS = ("default", "torch-path")
@@ -328,6 +331,22 @@ def campaign(args, record: dict, record_path: Path) -> Campaign:
     if "adamw" in args.methods:
         c.run("adamw", PAPER_ADAMW_LR, None, "paper recipe")
     spread(c, best, args.repeat_seeds)  # runs already done are not repeated
+    return c
+
+
+# --campaign master-free: the quality of master-free bf16 SCALE at the main campaign's tuned points
+# (runs/convergence: SCALE lr 1e-3 with adam_lr 2e-2, AdamW lr 3e-3), each variant at every seed.
+MASTER_FREE_POINTS = (("scale", 1e-3, 2e-2, ("default", "bf16-sr", "bf16-nearest")), ("adamw", 3e-3, None, ("default",)))
+MASTER_FREE_SEEDS = (0, 1)
+
+
+def master_free(args, record: dict, record_path: Path) -> Campaign:
+    """Seed by seed, so that a campaign cut short by its budget still compares every variant."""
+    c = Campaign(args, record, record_path)
+    for seed in MASTER_FREE_SEEDS:
+        for method, lr, adam_lr, variants in MASTER_FREE_POINTS:
+            for variant in variants:
+                c.run(method, lr, adam_lr, "master-free", seed=seed, variant=variant)
     return c
 
 
@@ -607,10 +626,18 @@ def report(args, record: dict, runs: list[Run]) -> None:
     print((args.out / "convergence.md").read_text())
 
 
+def report_master_free(args, record: dict, runs: list[Run]) -> None:
+    print("the report: python benchmarks/convergence.py --campaign master-free --report-only")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for convergence.{md,json,png}")
-    p.add_argument("--run-root", type=Path, default=Path("runs/convergence"), help="trainer run folders")
+    p.add_argument("--campaign", choices=("main", "master-free"), default="main",
+                   help="main: every method tuned (convergence.*); master-free: SCALE's master-free bf16 variants "
+                   "against fp32 masters and AdamW at the tuned points (convergence_master_free.*)")
+    p.add_argument("--run-root", type=Path, default=None,
+                   help="trainer run folders (default: runs/convergence, runs/convergence-master-free)")
     p.add_argument("--report-only", action="store_true", help="no training: the report from the run dirs of "
                    "--run-root (and its campaign.json)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
@@ -639,6 +666,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_extensions < 0:
         p.error(f"--max-extensions must be >= 0, got {args.max_extensions}")
     args.methods = methods
+    if args.run_root is None:
+        args.run_root = Path("runs/convergence" if args.campaign == "main" else "runs/convergence-master-free")
     try:
         args.repeat_seeds = [int(s) for s in args.repeat_seeds.split(",") if s.strip()]
     except ValueError:
@@ -651,7 +680,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def reproduce_command(args) -> str:
     """The campaign's command without the options that only decide how much of it ran when."""
     argv = ["python", "benchmarks/convergence.py", "--out", str(args.out)]
-    defaults = parse_args([])
+    argv += ["--campaign", args.campaign] if args.campaign != "main" else []
+    defaults = parse_args(["--campaign", args.campaign])
     for name in ("run_root", "methods", "steps", "batch", "seq_len", "eval_every", "eval_tokens", "log_every",
                  "repeat_seeds", "max_extensions"):
         if getattr(args, name) != getattr(defaults, name):
@@ -669,7 +699,7 @@ def main(argv=None) -> None:
         record = json.loads(record_path.read_text())
         vars(args).update({k: record["args"][k] for k in ("steps", "batch", "seq_len", "eval_every", "eval_tokens")})
         runs = [load_run(args.run_root.resolve() / name) for name in record["runs"]]
-        report(args, record, runs)
+        (report if args.campaign == "main" else report_master_free)(args, record, runs)
         return
     command = shlex.join(["python", "benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
     earlier = json.loads(record_path.read_text()) if args.reuse and record_path.exists() else {}
@@ -680,8 +710,8 @@ def main(argv=None) -> None:
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "runs": [], "skipped": []}
     args.run_root.mkdir(parents=True, exist_ok=True)
-    c = campaign(args, record, record_path)
-    report(args, record, c.runs)
+    c = (campaign if args.campaign == "main" else master_free)(args, record, record_path)
+    (report if args.campaign == "main" else report_master_free)(args, record, c.runs)
     if any(r.error for r in c.runs):
         sys.exit(1)
 
