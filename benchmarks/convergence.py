@@ -104,6 +104,9 @@ class Variant:
 VARIANTS = {
     "default": Variant("default"),
     "torch-path": Variant("torch path", env=(("SCALE_ZERO_NATIVE", "0"),)),
+    # master-free bf16 (docs/optimizer.md): the FSDP2 shards, gradients and SCALE's state in bf16
+    "bf16-sr": Variant("master-free bf16, stochastic rounding", flags=("--master-weights", "bf16")),
+    "bf16-nearest": Variant("master-free bf16, round-to-nearest", flags=("--master-weights", "bf16-nearest")),
 }
 # Variants that only change rounding, not the method: their spread is part of each best point's.
 SPREAD_VARIANTS = ("default", "torch-path")
@@ -193,6 +196,8 @@ def code_path(run: Run, stderr: str) -> str:
         return "torch.optim.AdamW (default implementation)"
     if run.env.get("SCALE_ZERO_NATIVE") == "0":
         return "SCALE torch path (SCALE_ZERO_NATIVE=0)"
+    if "--master-weights" in run.argv and run.argv[run.argv.index("--master-weights") + 1] != "fp32":
+        return "SCALE torch path (bf16 shards; the fused kernel takes fp32 only)"
     if KERNEL_FAILED in stderr:
         return "SCALE torch path (the fused kernel did not build)"
     return "SCALE fused CPU kernel"
@@ -233,6 +238,8 @@ def read_curves(run: Run) -> None:
 def load_run(run_dir: Path) -> Run:
     meta = json.loads((run_dir / "run.json").read_text())
     run = Run(**meta, run_dir=run_dir)
+    if (log := run_dir / "train.log").exists():  # the path from what the run printed, by today's rule
+        run.code_path = code_path(run, log.read_text())
     if run.error is None:
         read_curves(run)
     return run
@@ -328,6 +335,24 @@ def campaign(args, record: dict, record_path: Path) -> Campaign:
     if "adamw" in args.methods:
         c.run("adamw", PAPER_ADAMW_LR, None, "paper recipe")
     spread(c, best, args.repeat_seeds)  # runs already done are not repeated
+    return c
+
+
+# --campaign master-free: the quality of master-free bf16 SCALE at the main campaign's tuned points
+# (runs/convergence: SCALE lr 1e-3 with adam_lr 2e-2, AdamW lr 3e-3), each (method, variant) at every
+# seed. In this order, each stage at every seed before the next, so that a campaign cut short by its
+# budget still has the goal's comparison (stochastic rounding against fp32 masters) seed for seed.
+MASTER_FREE_POINTS = {"scale": (1e-3, 2e-2), "adamw": (3e-3, None)}
+MASTER_FREE_STAGES = ((("scale", "default"), ("scale", "bf16-sr")), (("scale", "bf16-nearest"),), (("adamw", "default"),))
+MASTER_FREE_SEEDS = (0, 1)
+
+
+def master_free(args, record: dict, record_path: Path) -> Campaign:
+    c = Campaign(args, record, record_path)
+    for stage in MASTER_FREE_STAGES:
+        for seed in MASTER_FREE_SEEDS:
+            for method, variant in stage:
+                c.run(method, *MASTER_FREE_POINTS[method], "master-free", seed=seed, variant=variant)
     return c
 
 
@@ -496,13 +521,14 @@ def write_plot(runs: list[Run], best: dict[str, Best], tokens_per_step: int, pat
     plt.close(fig)
 
 
-def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], path: Path) -> None:
+def head_lines(args, record: dict, runs: list[Run], title: str, numerics: str) -> list[str]:
+    """The title, how to reproduce, what ran and what decides the numbers: the same on every page."""
     env = record["environment"]
     tokens_per_step = args.batch * args.seq_len
     cpu = [r.cpu_s for r in runs]
     partial = record["skipped"]
     lines = [
-        "# Convergence at small scale: SCALE, AdamW, SGD, column-normalized SGD",
+        title,
         "",
         f"Reproduce: `{record['command']}` (`--report-only` rebuilds this page from the run dirs).",
         "",
@@ -523,8 +549,7 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
         f"- Threads: {env['torch_threads']} intra-op, {env['torch_interop_threads']} inter-op per trainer, one "
         "trainer at a time. Environment of every run: "
         + ", ".join(f"`{k}={v}`" for k, v in env["run_env"].items()) + " (the malloc settings only save CPU time).",
-        f"- Numerics: {env['dtype']}. SCALE-family runs use the fused CPU kernel unless the table says torch path "
-        "(`SCALE_ZERO_NATIVE=0`); the two agree to rounding per step, which the spread below includes.",
+        f"- Numerics: {numerics}",
         f"- Model: `{MODEL}`, LLaMA with {parameter_count() / 1e6:.2f}M parameters (hidden 128, ffn 344, 4 heads, "
         "2 layers, vocabulary 8192, untied embeddings).",
         f"- Data: the embedded Shakespeare corpus (`--data embedded`) and its 8k SentencePiece tokenizer; validation "
@@ -538,6 +563,46 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
         f"- {len(runs)} runs took {sum(cpu) / 60:.1f} CPU-minutes ({min(cpu):.0f}-{max(cpu):.0f} s each) and "
         f"{sum(r.wall_s for r in runs) / 60:.1f} minutes of wall time.",
         "",
+    ]
+    return lines
+
+
+def command_lines(runs: list[Run], changes: str) -> list[str]:
+    """The first run's trainer command; `changes` says what the others change."""
+    return [
+        "",
+        f"One trainer command (the others change {changes}):",
+        "",
+        "```",
+        "RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=<free port> \\",
+        "  " + " ".join(f"{k}={v}" for k, v in runs[0].env.items()) + " \\",
+        f"  python {shlex.join(runs[0].argv)}",
+        "```",
+        "",
+    ]
+
+
+def run_row(run: Run, what: str, bold: str = "") -> str:
+    """A row of the "Every run" table: `what` names the run, then lr, adam_lr, seed, path, perplexities, CPU."""
+    final = fmt_ppl(run.final_val_ppl) if run.error is None else f"failed ({run.error})"
+    return (f"| {what} | {bold}{run.lr:g}{bold} | {fmt(run.adam_lr)} | {run.seed} | {run.code_path} | "
+            f"{fmt_ppl(run.best_val_ppl)} | {bold}{final}{bold} | {run.cpu_s:.0f} |")
+
+
+def write_page(path: Path, lines: list[str], what: str, rows: list[str], runs: list[Run], changes: str) -> None:
+    """The page: `lines`, then the "Every run" table (`what`: its first columns, see run_row) and a command."""
+    columns = f"| {what} | peak lr | adam_lr (1-D) | seed | code path | best val ppl | final val ppl | CPU s |"
+    lines += [columns, "|---" * columns.count(" | ") + "|---|", *rows, *command_lines(runs, changes)]
+    path.write_text("\n".join(lines))
+
+
+def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], path: Path) -> None:
+    numerics = (f"{record['environment']['dtype']}. SCALE-family runs use the fused CPU kernel unless the table "
+                "says torch path (`SCALE_ZERO_NATIVE=0`); the two agree to rounding per step, which the spread below "
+                "includes.")
+    lines = head_lines(args, record, runs, "# Convergence at small scale: SCALE, AdamW, SGD, column-normalized SGD",
+                       numerics)
+    lines += [
         "## Result",
         "",
         "Final validation perplexity (exp of the cross-entropy) at each method's best seed-0 point, and the spread "
@@ -571,28 +636,11 @@ def write_markdown(args, record: dict, runs: list[Run], best: dict[str, Best], p
         "SCALE's adam_lr at its best lr; paper recipe: AdamW at lr 1e-3 if the grid lacks it; kernel path, seeds: "
         "the spread of the best points. **Bold**: each method's best seed-0 point.",
         "",
-        "| stage | method | peak lr | adam_lr (1-D) | seed | code path | best val ppl | final val ppl | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
-        bold = "**" if best.get(run.method) and best[run.method].run is run else ""
-        final = fmt_ppl(run.final_val_ppl) if run.error is None else f"failed ({run.error})"
-        lines.append(f"| {run.stage} | {METHODS[run.method].label} | {bold}{run.lr:g}{bold} | {fmt(run.adam_lr)} | "
-                     f"{run.seed} | {run.code_path} | {fmt_ppl(run.best_val_ppl)} | {bold}{final}{bold} | "
-                     f"{run.cpu_s:.0f} |")
-    lines += [
-        "",
-        "One trainer command (the others change `--optimizer`, `--lr`, `--adam-lr`, `--seed`, `--run-dir` and, for "
-        "the torch path, `SCALE_ZERO_NATIVE=0`):",
-        "",
-        "```",
-        "RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=<free port> \\",
-        "  " + " ".join(f"{k}={v}" for k, v in runs[0].env.items()) + " \\",
-        f"  python {shlex.join(runs[0].argv)}",
-        "```",
-        "",
-    ]
-    path.write_text("\n".join(lines))
+    bold = lambda run: "**" if best.get(run.method) and best[run.method].run is run else ""  # noqa: E731
+    rows = [run_row(run, f"{run.stage} | {METHODS[run.method].label}", bold(run)) for run in runs]
+    write_page(path, lines, "stage | method", rows, runs, "`--optimizer`, `--lr`, `--adam-lr`, `--seed`, "
+               "`--run-dir` and, for the torch path, `SCALE_ZERO_NATIVE=0`")
 
 
 def report(args, record: dict, runs: list[Run]) -> None:
@@ -607,10 +655,139 @@ def report(args, record: dict, runs: list[Run]) -> None:
     print((args.out / "convergence.md").read_text())
 
 
+MASTER_FREE_GOAL_PCT = 1.0  # stochastic rounding's mean final perplexity at most this much above fp32 masters
+
+
+def master_free_label(method: str, variant: str) -> str:
+    return f"{METHODS[method].label}, " + ("fp32 master weights" if variant == "default" else VARIANTS[variant].label)
+
+
+def master_free_groups(runs: list[Run]) -> dict[tuple[str, str], Best]:
+    """Every (method, variant) of MASTER_FREE_POINTS with its runs, one per seed (the first is seed 0's)."""
+    groups = {}
+    for method, variant in (key for stage in MASTER_FREE_STAGES for key in stage):
+        point = (method, *MASTER_FREE_POINTS[method], variant)
+        done = sorted((r for r in runs if (r.method, r.lr, r.adam_lr, r.variant) == point), key=lambda r: r.seed)
+        if done:
+            groups[method, variant] = Best(done[0], done)
+    return groups
+
+
+def gap_pct(groups: dict, variant: str) -> float:
+    """How much variant's mean final perplexity is above SCALE with fp32 masters, in %."""
+    if ("scale", variant) not in groups or ("scale", "default") not in groups:
+        return math.nan
+    return 100 * (groups["scale", variant].mean / groups["scale", "default"].mean - 1)
+
+
+def write_master_free_plot(groups: dict[tuple[str, str], Best], tokens_per_step: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_val, ax_end) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": (2, 1)})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, ((method, variant), g) in enumerate(groups.items()):
+        label = master_free_label(method, variant)
+        for run, style in zip(g.spread, ("-", "--", ":", "-.")):
+            if run.val:
+                steps, losses = zip(*run.val)
+                ax_val.plot([s * tokens_per_step / 1e6 for s in steps], losses, color=colors[i], ls=style, lw=1.2,
+                            label=f"{label}, seed {run.seed}")
+        ax_end.scatter([i] * len(g.spread), g.ppl, color=colors[i], s=18)
+        ax_end.scatter([i], [g.mean], color=colors[i], marker="_", s=400)
+    ax_val.set_title("validation loss (line style: seed)", fontsize=10)
+    ax_val.set_xlabel("training tokens (millions)")
+    ax_val.set_ylabel("cross-entropy (nats)")
+    ax_val.set_ylim(top=min(7.0, ax_val.get_ylim()[1]))
+    ax_val.grid(alpha=0.3)
+    ax_val.legend(fontsize=6.5)
+    ax_end.set_xticks(range(len(groups)), [master_free_label(*k).replace(", ", ",\n", 1) for k in groups], fontsize=7)
+    ax_end.set_xlim(-0.5, len(groups) - 0.5)
+    ax_end.set_title("final validation perplexity (dots: seeds, bar: mean)", fontsize=10)
+    ax_end.grid(alpha=0.3, axis="y")
+    fig.suptitle("Master-free bf16 SCALE against fp32 master weights and AdamW: LLaMA "
+                 f"{parameter_count() / 1e6:.2f}M parameters, embedded Shakespeare")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_master_free_markdown(args, record: dict, runs: list[Run], groups: dict, path: Path) -> None:
+    numerics = ("bf16 autocast compute (`--bf16`) for every run. fp32 master weights (the default, and AdamW): fp32 "
+                "weights, gradients and optimizer state. Master-free (`--master-weights bf16`, `bf16-nearest`): the "
+                "FSDP2 shards, their gradients and SCALE's state in bf16, every update computed in fp32 chunk by "
+                "chunk and written back with stochastic rounding or rounded to nearest. SCALE with fp32 masters "
+                "uses the fused CPU kernel; bf16 pieces go through the torch path (the kernel takes fp32 only).")
+    lines = head_lines(args, record, runs, "# Master-free bf16 SCALE: quality against fp32 master weights", numerics)
+    lines += [
+        "## Result",
+        "",
+        "Each method at its tuned point of the main campaign ([convergence.md](convergence.md): SCALE lr 1e-3 with "
+        "adam_lr 2e-2, AdamW lr 3e-3), every variant with seeds " + ", ".join(map(str, MASTER_FREE_SEEDS))
+        + " (initialization, data order and the rounding stream). Final validation perplexity (exp of the "
+        "cross-entropy after the last step); spread = max - min over the seeds; gap = the mean's excess over SCALE "
+        "with fp32 master weights.",
+        "",
+        "| method, weights | peak lr | adam_lr (1-D) | seeds | final val ppl | mean | min-max | spread | gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, variant), g in groups.items():
+        gap = gap_pct(groups, variant) if method == "scale" else math.nan
+        lines.append(f"| {master_free_label(method, variant)} | {g.run.lr:g} | {fmt(g.run.adam_lr)} | "
+                     + ", ".join(str(r.seed) for r in g.spread) + " | " + " / ".join(fmt_ppl(x) for x in g.ppl)
+                     + f" | **{fmt_ppl(g.mean)}** | {fmt_ppl(g.low)}-{fmt_ppl(g.high)} | {fmt_ppl(g.high - g.low)} | "
+                     + (f"{gap:+.2f}% |" if math.isfinite(gap) else "- |"))
+    sr = gap_pct(groups, "bf16-sr")
+    if math.isfinite(sr):
+        verdict = "holds" if sr <= MASTER_FREE_GOAL_PCT else "does not hold"
+        fp32 = groups["scale", "default"]
+        spread_pct = 100 * (fp32.high - fp32.low) / fp32.mean
+        paired = {r.seed: r.score for r in fp32.spread}
+        per_seed = ", ".join(f"seed {r.seed} {100 * (r.score / paired[r.seed] - 1):+.2f}%"
+                             for r in groups["scale", "bf16-sr"].spread if r.seed in paired)
+        lines += ["", f"Goal, stochastic rounding's mean at most {MASTER_FREE_GOAL_PCT:g}% above fp32 master weights: "
+                  f"**{verdict}** (gap {sr:+.2f}%; seed for seed {per_seed}). The fp32-masters seed spread is "
+                  f"{spread_pct:.2f}% of its mean, so "
+                  + ("the gap is inside it: these seeds do not tell the two apart." if abs(sr) < spread_pct
+                     else "the gap is larger than the seed spread.")]
+    lines += [
+        "",
+        "![curves and final perplexity](convergence_master_free.png)",
+        "",
+        "## Every run",
+        "",
+    ]
+    rows = [run_row(run, master_free_label(run.method, run.variant)) for run in runs]
+    write_page(path, lines, "method, weights", rows, runs, "`--optimizer`, `--lr`, `--adam-lr`, `--seed`, "
+               "`--run-dir` and add `--master-weights bf16` or `--master-weights bf16-nearest`")
+
+
+def report_master_free(args, record: dict, runs: list[Run]) -> None:
+    groups = master_free_groups(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "convergence_master_free"
+    write_master_free_plot(groups, args.batch * args.seq_len, stem.with_suffix(".png"))
+    write_master_free_markdown(args, record, runs, groups, stem.with_suffix(".md"))
+    summary = {**record, "goal_pct": MASTER_FREE_GOAL_PCT,
+               "gap_pct": {v: gap_pct(groups, v) for v in ("bf16-sr", "bf16-nearest")},
+               "variants": {f"{m}/{v}": {"label": master_free_label(m, v), "lr": g.run.lr, "adam_lr": g.run.adam_lr,
+                                         "seeds": [r.seed for r in g.spread], "final_val_ppl": g.ppl,
+                                         "mean": g.mean, "min": g.low, "max": g.high} for (m, v), g in groups.items()},
+               "runs": [r.record() for r in runs]}
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(stem.with_suffix(".md").read_text())
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for convergence.{md,json,png}")
-    p.add_argument("--run-root", type=Path, default=Path("runs/convergence"), help="trainer run folders")
+    p.add_argument("--campaign", choices=("main", "master-free"), default="main",
+                   help="main: every method tuned (convergence.*); master-free: SCALE's master-free bf16 variants "
+                   "against fp32 masters and AdamW at the tuned points (convergence_master_free.*)")
+    p.add_argument("--run-root", type=Path, default=None,
+                   help="trainer run folders (default: runs/convergence, runs/convergence-master-free)")
     p.add_argument("--report-only", action="store_true", help="no training: the report from the run dirs of "
                    "--run-root (and its campaign.json)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
@@ -639,6 +816,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_extensions < 0:
         p.error(f"--max-extensions must be >= 0, got {args.max_extensions}")
     args.methods = methods
+    if args.run_root is None:
+        args.run_root = Path("runs/convergence" if args.campaign == "main" else "runs/convergence-master-free")
     try:
         args.repeat_seeds = [int(s) for s in args.repeat_seeds.split(",") if s.strip()]
     except ValueError:
@@ -651,7 +830,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def reproduce_command(args) -> str:
     """The campaign's command without the options that only decide how much of it ran when."""
     argv = ["python", "benchmarks/convergence.py", "--out", str(args.out)]
-    defaults = parse_args([])
+    argv += ["--campaign", args.campaign] if args.campaign != "main" else []
+    defaults = parse_args(["--campaign", args.campaign])
     for name in ("run_root", "methods", "steps", "batch", "seq_len", "eval_every", "eval_tokens", "log_every",
                  "repeat_seeds", "max_extensions"):
         if getattr(args, name) != getattr(defaults, name):
@@ -669,7 +849,7 @@ def main(argv=None) -> None:
         record = json.loads(record_path.read_text())
         vars(args).update({k: record["args"][k] for k in ("steps", "batch", "seq_len", "eval_every", "eval_tokens")})
         runs = [load_run(args.run_root.resolve() / name) for name in record["runs"]]
-        report(args, record, runs)
+        (report if args.campaign == "main" else report_master_free)(args, record, runs)
         return
     command = shlex.join(["python", "benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
     earlier = json.loads(record_path.read_text()) if args.reuse and record_path.exists() else {}
@@ -680,8 +860,8 @@ def main(argv=None) -> None:
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "runs": [], "skipped": []}
     args.run_root.mkdir(parents=True, exist_ok=True)
-    c = campaign(args, record, record_path)
-    report(args, record, c.runs)
+    c = (campaign if args.campaign == "main" else master_free)(args, record, record_path)
+    (report if args.campaign == "main" else report_master_free)(args, record, c.runs)
     if any(r.error for r in c.runs):
         sys.exit(1)
 
