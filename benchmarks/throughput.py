@@ -1,4 +1,5 @@
-"""Tokens/s of full ZeRO-3 training steps, SCALE against DeepSpeed's AdamW, on CPU ranks;
+"""Tokens/s of full ZeRO-3 training steps, SCALE against DeepSpeed's AdamW (or, with
+`--baseline muon`, DeepSpeed's Muon as a reference), on CPU ranks;
 and what each step sends: SCALE's all_reduces against ZeRO-3's gradient reduce-scatter and
 parameter all-gather, measured, then projected from shapes for LLaMA-7B on 64 ranks.
 
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 vocab_size=32000)
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+BASELINES = {"adamw": "AdamW", "muon": "Muon"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--rounds", type=int, default=40, help="rounds of one block per engine, order alternating")
     run.add_argument("--block", type=int, default=1, help="timed steps per block")
     run.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    run.add_argument("--baseline", choices=BASELINES, default="adamw",
+                     help="DeepSpeed's optimizer to compare with: AdamW, or Muon as a reference")
     run.add_argument("--offload", action="store_true",
                      help="offload_optimizer: cpu for both engines (AdamW becomes DeepSpeedCPUAdam)")
     run.add_argument("--project-world", type=int, default=64, help="ranks for the 7B projection")
@@ -112,7 +116,10 @@ def build(name: str, config_file: str, args) -> Engine:
     torch.manual_seed(0)  # same initial weights for both engines
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = LlamaForCausalLM(llama_config(args))
-    if "optimizer" in config:  # DeepSpeed builds its own AdamW from the config
+    if name == "Muon":
+        config["optimizer"] = {"type": "Muon", "params": {"lr": 1e-3, "momentum": 0.95}}
+        config["zero_optimization"]["reduce_scatter"] = False  # Muon's ZeRO-3 path requires it
+    if "optimizer" in config:  # DeepSpeed builds its own optimizer from the config
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     else:
         optimizer = SCALE(scale_param_groups(model), lr=1e-3, adam_lr=1e-3, momentum=0.9)
@@ -164,20 +171,32 @@ class CommModel:
     """Per optimizer step, from the parameter shapes alone."""
 
     params: int  # elements: the gradient ZeRO-3 reduce-scatters, the parameters it all-gathers
-    scale_bytes: int  # SCALE's all_reduce buffers: one fp64 per matrix/output row, per embedding column
-    scale_collectives: int  # one all_reduce per ZeRO-3 sub-group of a normalized role
+    scale_bytes: int  # SCALE's all_reduce buffers: one fp64 per cut matrix/output row, per embedding column
+    scale_collectives: int  # one all_reduce per ZeRO-3 sub-group holding a cut normalized parameter
 
 
-def sub_group_count(partition_numels: list[int], sub_group_size: int) -> int:
-    """How many sub-groups ZeRO-3 splits a param group into (stage3 `_create_fp16_sub_groups`)."""
+def sub_groups(partition_numels: list[int], sub_group_size: int) -> list[list[int]]:
+    """The parameter indices of each sub-group ZeRO-3 splits a param group into
+    (stage3 `_create_fp16_sub_groups`)."""
     if sub_group_size >= sum(partition_numels):
-        return 1
-    count, size = 0, 0
+        return [list(range(len(partition_numels)))]
+    groups, current, size = [], [], 0
     for i, numel in enumerate(partition_numels):
+        current.append(i)
         size += numel
         if size >= sub_group_size or i == len(partition_numels) - 1:
-            count, size = count + 1, 0
-    return count
+            groups.append(current)
+            current, size = [], 0
+    return groups
+
+
+def reduction_is_cut(shape: tuple[int, int], dim: int, world: int) -> bool:
+    """Whether ZeRO-3's ranges (rank r: [r * pn, (r + 1) * pn), pn = ceil(numel / world))
+    cut this parameter's rows (dim 1) or columns (dim 0), so its RMS needs the collective."""
+    rows, cols = shape
+    pn = math.ceil(rows * cols / world)
+    inside = [r * pn for r in range(1, world) if r * pn < rows * cols]
+    return bool(inside) if dim == 0 else any(b % cols for b in inside)
 
 
 def comm_model(config: LlamaConfig, world: int, sub_group_size: int) -> CommModel:
@@ -189,8 +208,11 @@ def comm_model(config: LlamaConfig, world: int, sub_group_size: int) -> CommMode
         if group["role"] == "vector" or world == 1:  # AdamW, no collective
             continue
         dim = NORM_DIMS[group["role"]]
-        scale_bytes += 8 * sum(matrix_shape(p.shape)[1 - dim] for p in group["params"])  # fp64 sums
-        collectives += sub_group_count([math.ceil(p.numel() / world) for p in group["params"]], sub_group_size)
+        shapes = [matrix_shape(p.shape) for p in group["params"]]
+        cut = [reduction_is_cut(shape, dim, world) for shape in shapes]
+        scale_bytes += 8 * sum(shape[1 - dim] for shape, is_cut in zip(shapes, cut) if is_cut)  # fp64 sums
+        partition_numels = [math.ceil(p.numel() / world) for p in group["params"]]
+        collectives += sum(any(cut[i] for i in members) for members in sub_groups(partition_numels, sub_group_size))
     return CommModel(params, scale_bytes, collectives)
 
 
@@ -227,7 +249,8 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
            seconds: float) -> str:
     """`cpu`: per engine, the CPU seconds of every timed step summed over the ranks."""
     tokens_per_step = world * args.micro_batch * args.seq * args.accum
-    adamw, scale = runs
+    base, scale = runs
+    B = base.name  # the DeepSpeed baseline: AdamW, or Muon with --baseline muon
     # Rank 0's medians, per engine and clock (0 wall, 1 CPU).
     rows = {}
     for run in runs:
@@ -243,12 +266,12 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
     # Client step, rank 0 CPU: SCALE / AdamW per round (the inverse of round_ratios' order).
     client_ratios = round_ratios(*([t["client"][1] for t in run.steps] for run in runs[::-1]), args)
     client_wall_ratios = round_ratios(*([t["client"][0] for t in run.steps] for run in runs[::-1]), args)
-    cpu_ratios = round_ratios(cpu["AdamW"], cpu["SCALE"], args)
-    pooled = rows["AdamW", 0]["step"] / rows["SCALE", 0]["step"]
+    cpu_ratios = round_ratios(cpu[B], cpu["SCALE"], args)
+    pooled = rows[B, 0]["step"] / rows["SCALE", 0]["step"]
     # If the steps differed only in the client optimizer's CPU time (rank 0).
-    only_optimizer = rows["AdamW", 1]["step"] / (rows["AdamW", 1]["step"] - rows["AdamW", 1]["client"]
+    only_optimizer = rows[B, 1]["step"] / (rows[B, 1]["step"] - rows[B, 1]["client"]
                                                  + rows["SCALE", 1]["client"])
-    columns = [("AdamW", 0), ("SCALE", 0), ("AdamW", 1), ("SCALE", 1)]
+    columns = [(B, 0), ("SCALE", 0), (B, 1), ("SCALE", 1)]
 
     command = " ".join(["PYTHONPATH=$PWD DS_ACCELERATOR=cpu deepspeed --num_gpus", str(world),
                         "benchmarks/throughput.py", *[a for a in sys.argv[1:] if not a.startswith("--local_rank")]])
@@ -258,7 +281,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
                      ds_config("zero3_scale.json", args)["zero_optimization"]["sub_group_size"])
     grad_bytes = DTYPE_BYTES[args.dtype]
     lines = [
-        "# Throughput and communication: SCALE against AdamW under DeepSpeed ZeRO-3",
+        f"# Throughput and communication: SCALE against {B} under DeepSpeed ZeRO-3",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; {world} ranks x {args.threads} torch thread(s); "
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}. "
@@ -277,15 +300,19 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         f"({'the configs as shipped; bf16 matmuls are ~3x faster than fp32 on this CPU' if args.dtype == 'bf16' else 'bf16 disabled'}), "
         "gradient accumulation in fp32, ZeRO-3, `sub_group_size` 1e9.",
         "",
-        f"- AdamW: `configs/zero3_adamw.json`, whose `optimizer` section DeepSpeed turns into "
-        f"`{type(adamw.client_optimizer).__module__}.{type(adamw.client_optimizer).__name__}` (on the CPU "
-        "accelerator: a multi-tensor AdamW built from the same C++ kernel, `csrc/adam/cpu_adam_impl.cpp`, as "
-        "DeepSpeedCPUAdam).",
+        f"- {B}: `configs/zero3_adamw.json`"
+        + (" with its `optimizer` section replaced by DeepSpeed's Muon (`{\"type\": \"Muon\"}`, lr 1e-3, "
+           "momentum 0.95; `reduce_scatter: false`, which Muon requires): Newton-Schulz on each matrix's full "
+           "gradient inside `engine.step()`, an AdamW for the rest" if B == "Muon" else "")
+        + ", whose `optimizer` section DeepSpeed turns into "
+        f"`{type(base.client_optimizer).__module__}.{type(base.client_optimizer).__name__}` (on the CPU "
+        "accelerator its AdamW is a multi-tensor AdamW built from the same C++ kernel, "
+        "`csrc/adam/cpu_adam_impl.cpp`, as DeepSpeedCPUAdam).",
         "- SCALE: `configs/zero3_scale.json`, `scale_zero.initialize(optimizer=SCALE(scale_param_groups(model)))`.",
         *(["- `--offload`: both configs with `offload_optimizer: {device: cpu}`: AdamW becomes DeepSpeed's "
            "DeepSpeedCPUAdam; SCALE steps the host-memory fp32 partitions with its CPU kernel."] if args.offload else []),
         "",
-        f"Client optimizer step, SCALE / {type(adamw.client_optimizer).__name__}, rank 0 CPU time = "
+        f"Client optimizer step, SCALE / {type(base.client_optimizer).__name__}, rank 0 CPU time = "
         f"{describe(client_ratios)}; wall clock {describe(client_wall_ratios)}.",
         "",
         f"Both engines are built in the same {world} processes (same initial weights, same batches) and run "
@@ -293,7 +320,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         "the order alternating between rounds. Medians over all timed steps; the wall clock and the CPU time "
         "(`time.process_time()`) of rank 0, except the last row (CPU of all ranks).",
         "",
-        "| | AdamW wall | SCALE wall | AdamW CPU | SCALE CPU |",
+        f"| | {B} wall | SCALE wall | {B} CPU | SCALE CPU |",
         "|---|---|---|---|---|",
         *[f"| {label} | " + " | ".join(f"{rows[col][key] * 1e3:,.0f} ms" for col in columns) + " |"
           for label, key in (("full step", "step"), ("forward + backward", "fwd_bwd"),
@@ -301,27 +328,30 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         "| optimizer share of the step (client step / full step) | "
         + " | ".join(f"{rows[col]['share']:.1%}" for col in columns) + " |",
         "| `engine.step()` share of the step | " + " | ".join(f"{rows[col]['engine_share']:.1%}" for col in columns) + " |",
-        f"| tokens/s; tokens per CPU second of all ranks | {tokens_per_step / rows['AdamW', 0]['step']:,.0f} | "
-        f"{tokens_per_step / rows['SCALE', 0]['step']:,.0f} | {tokens_per_step / statistics.median(cpu['AdamW']):,.0f} | "
+        f"| tokens/s; tokens per CPU second of all ranks | {tokens_per_step / rows[B, 0]['step']:,.0f} | "
+        f"{tokens_per_step / rows['SCALE', 0]['step']:,.0f} | {tokens_per_step / statistics.median(cpu[B]):,.0f} | "
         f"{tokens_per_step / statistics.median(cpu['SCALE']):,.0f} |",
         "",
-        f"tokens/s SCALE / AdamW (wall clock) = {describe(wall_ratios)}; ratio of the pooled medians "
+        f"tokens/s SCALE / {B} (wall clock) = {describe(wall_ratios)}; ratio of the pooled medians "
         f"{pooled:.3f}. Per round: {', '.join(f'{x:.3f}' for x in wall_ratios)}.",
         "",
-        f"tokens per CPU second SCALE / AdamW = {describe(cpu_ratios)}. CPU time (`time.process_time()` of "
+        f"tokens per CPU second SCALE / {B} = {describe(cpu_ratios)}. CPU time (`time.process_time()` of "
         "each rank, summed) is what a step costs the ranks themselves; the wall clock also carries the time "
         "other jobs hold the cores, so on this shared machine the CPU ratio is the steadier estimate of the "
         "throughput ratio on a dedicated one. If the two steps differed only by the client optimizer's CPU "
         f"time, the ratio would be {only_optimizer:.3f}.",
         "",
-        f"Reading: SCALE's client step costs {rows['SCALE', 1]['client'] / rows['AdamW', 1]['client']:.2f}x the "
-        f"CPU time of {type(adamw.client_optimizer).__name__}'s (pooled medians); the optimizer is "
-        f"{rows['AdamW', 1]['share']:.1%} of a full AdamW step and {rows['SCALE', 1]['share']:.1%} of a SCALE "
+        f"Reading: SCALE's client step costs {rows['SCALE', 1]['client'] / rows[B, 1]['client']:.2f}x the "
+        f"CPU time of {type(base.client_optimizer).__name__}'s (pooled medians); the optimizer is "
+        f"{rows[B, 1]['share']:.1%} of a full {B} step and {rows['SCALE', 1]['share']:.1%} of a SCALE "
         f"one here, so from the client step alone the throughput ratio would be {only_optimizer:.3f}. "
         "ZeRO-3's own part of `engine.step()` (engine step minus client step, rank 0 CPU) is "
-        f"{(rows['AdamW', 1]['engine_step'] - rows['AdamW', 1]['client']) * 1e3:.0f} ms with AdamW against "
+        f"{(rows[B, 1]['engine_step'] - rows[B, 1]['client']) * 1e3:.0f} ms with {B} against "
         f"{(rows['SCALE', 1]['engine_step'] - rows['SCALE', 1]['client']) * 1e3:.0f} ms with SCALE (SCALE's four "
-        "role groups are four sub-groups, each with its own gradient-norm all_reduce and copy back).",
+        "role groups are four sub-groups, each with its own gradient-norm all_reduce and copy back"
+        + ("; Muon's part holds its Newton-Schulz iterations and the gradient gathers they need, which run "
+           "in `engine.step()` before its client step, so for Muon compare the full step, not the client step)."
+           if B == "Muon" else ")."),
         "",
         "`engine.step()` is ZeRO-3's whole step: the end of the gradient reduction, the gradient norm, the "
         "client optimizer on each sub-group's flat fp32 partition, the copy back to the bf16 partitions and "
@@ -336,11 +366,11 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         "message sizes: for `reduce_scatter_tensor` the full input (every gradient, in the communication "
         "dtype), for `all_gather_into_tensor` this rank's input shard (the gathered output is world x that).",
         "",
-        "| collective (caller) | AdamW calls | AdamW bytes | SCALE calls | SCALE bytes |",
+        f"| collective (caller) | {B} calls | {B} bytes | SCALE calls | SCALE bytes |",
         "|---|---|---|---|---|",
     ]
-    for op in sorted(set(comm["AdamW"]) | set(comm["SCALE"])):
-        a, s = comm["AdamW"].get(op, (0, 0)), comm["SCALE"].get(op, (0, 0))
+    for op in sorted(set(comm[B]) | set(comm["SCALE"])):
+        a, s = comm[B].get(op, (0, 0)), comm["SCALE"].get(op, (0, 0))
         lines.append(f"| {op.replace('|', '/')} | {a[0]} | {a[1]:,} | {s[0]} | {s[1]:,} |")
     lines.append(f"| SCALE's all_reduce (`comm_stats`) | 0 | 0 | {scale_stats.collectives} | {scale_stats.bytes:,} |")
     reduce_scatter = sum(b for op, (_, b) in comm["SCALE"].items() if op.startswith("reduce_scatter"))
@@ -350,7 +380,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         f"**SCALE's all_reduce bytes / gradient reduce-scatter bytes = {scale_stats.bytes:,} / {reduce_scatter:,} = "
         f"{scale_stats.bytes / reduce_scatter:.2e}** ({scale_stats.bytes / reduce_scatter:.3%}); against the "
         f"gathered parameter bytes ({gather:,}): {scale_stats.bytes / gather:.2e}. DeepSpeed's gradient-norm "
-        "all_reduce (8 bytes) runs once per sub-group: one for AdamW's single param group, one per role group "
+        f"all_reduce (8 bytes) runs once per sub-group: one per {B} param group, one per role group "
         "(embedding, output, matrix, vector) for SCALE's. SCALE issues one all_reduce per sub-group that "
         "holds normalized pieces, not one per engine step: ZeRO calls the client's `step()` once per "
         "(sub-)group with only that group's flat, prepares that group's gradient just before the call and "
@@ -397,7 +427,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         "",
         "SCALE's bytes do not depend on the number of ranks (one fp64 per row / column of the full "
         "parameter); the gradient bytes do not either, so the ratio holds at any world size. AdamW sends "
-        "nothing beyond ZeRO-3's own collectives.",
+        "nothing beyond ZeRO-3's own collectives (Muon's own collectives are in the table above).",
         "",
     ]
     return "\n".join(lines)
@@ -411,7 +441,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     load_start = os.getloadavg()[0]
 
-    runs = [build("AdamW", "zero3_adamw.json", args), build("SCALE", "zero3_scale.json", args)]
+    runs = [build(BASELINES[args.baseline], "zero3_adamw.json", args), build("SCALE", "zero3_scale.json", args)]
     generator = torch.Generator().manual_seed(1234 + rank)
     batches = [torch.randint(args.vocab, (args.micro_batch, args.seq), generator=generator) for _ in range(args.accum)]
 

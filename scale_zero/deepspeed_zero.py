@@ -35,7 +35,7 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from scale_zero.scale import SCALE
-from scale_zero.shard_layout import ShardLayout, matrix_shape
+from scale_zero.shard_layout import ShardLayout, comm_device, matrix_shape
 
 # Exactly these classes: their subclasses (MiCS, ZenFlow, SuperOffload) lay out or step
 # their partitions differently and are refused.
@@ -57,9 +57,9 @@ class FlatPiece:
     def numel(self) -> int:
         return self.end - self.start
 
-    def layout(self, group) -> ShardLayout:
+    def layout(self, group, boundaries: list[int] | None = None) -> ShardLayout:
         shape = matrix_shape(self.shape) if len(self.shape) >= 2 else (1, math.prod(self.shape))
-        return ShardLayout.flat_range(shape, self.start, self.end, group)
+        return ShardLayout.flat_range(shape, self.start, self.end, group, boundaries)
 
 
 @dataclass
@@ -83,6 +83,20 @@ def _partition_role(scale: SCALE, params: list, names: dict) -> str:
             "SCALE(scale_param_groups(model), ...)"
         )
     return roles.pop()
+
+
+def _range_boundaries(part: FlatPartition) -> list[list[int]]:
+    """Per piece, where the ranks' ranges of its parameter begin and end, the same on every
+    rank: one all_gather of the (start, end) pairs at bind time, so that a row no boundary
+    cuts (the usual case: a power-of-two world and LLaMA's shapes) needs no collective."""
+    if part.group is None or not part.pieces:
+        return [[] for _ in part.pieces]
+    device = comm_device(part.group, torch.device("cpu"))
+    local = torch.tensor([[piece.start, piece.end] for piece in part.pieces], dtype=torch.int64, device=device)
+    ranges = [torch.empty_like(local) for _ in range(dist.get_world_size(group=part.group))]
+    dist.all_gather(ranges, local, group=part.group)
+    ranges = torch.stack(ranges, dim=1).tolist()  # piece, rank, (start, end)
+    return [sorted({b for start, end in piece if end > start for b in (start, end)}) for piece in ranges]
 
 
 def _group_or_none(group):
@@ -222,7 +236,8 @@ def bind(engine) -> None:
         raise ValueError("SCALE cannot run with this DeepSpeed configuration:\n  - " + "\n  - ".join(problems))
     partitions = zero_partitions(engine)
     for part in partitions:
-        scale.bind_flat(part.flat, [(piece.offset, piece.layout(part.group)) for piece in part.pieces], part.role)
+        layouts = [piece.layout(part.group, cuts) for piece, cuts in zip(part.pieces, _range_boundaries(part))]
+        scale.bind_flat(part.flat, [(piece.offset, layout) for piece, layout in zip(part.pieces, layouts)], part.role)
     if partitions:
         _relink_optimizer_state_after_each_step(engine.optimizer, scale)
 

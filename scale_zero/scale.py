@@ -219,13 +219,18 @@ class _Piece:
     def direction(self) -> torch.Tensor:
         return self.grad if self.momentum is None else self.momentum
 
-    def rms_is_local(self) -> bool:
-        """The partition cuts neither `dim` nor the blocks along it: whole rows (dim 1) or
-        whole columns (dim 0), so the RMS needs no collective."""
-        if self.dim is None or self.dim in self.layout.split_groups:
-            return False
-        full = self.layout.shape[self.dim]
-        return all(b.span(1 - self.dim)[1] - b.span(1 - self.dim)[0] == full for b in self.layout.blocks)
+    def holds_entries_of(self, block: Block) -> bool:
+        """Whether `block` holds whole rows (dim 1) or whole columns (dim 0), so its RMS
+        entries are complete here: a partition gives every element to one rank, so no other
+        rank adds to them. Only the other blocks need the two phases."""
+        lo, hi = block.span(1 - self.dim)
+        return hi - lo == self.layout.shape[self.dim]
+
+    def needs_slot(self) -> bool:
+        """Whether the piece takes part in the batched buffer: always where the partition
+        may cut its rows (or columns), so every rank has the same slots; else only for a
+        block holding part of a row (its entries are sums over the full row length)."""
+        return self.dim in self.layout.split_groups or not all(map(self.holds_entries_of, self.layout.blocks))
 
 
 def _by_kernel(piece: _Piece) -> bool:
@@ -234,10 +239,11 @@ def _by_kernel(piece: _Piece) -> bool:
 
 
 def _kernel_blocks(
-    pieces: Sequence[_Piece], stats: Sequence[torch.Tensor] | None = None
+    pieces: Sequence[_Piece], entries_here: bool, stats: Sequence[torch.Tensor] | None = None
 ) -> list[native.KernelBlock]:
-    """Every block of these pieces; `stats[i]`, piece i's per-row or per-column statistic
-    (full length), handed to each block as the entries it spans."""
+    """The blocks of these pieces whose RMS entries are complete here (`entries_here`), or
+    the others; `stats[i]`, piece i's per-row or per-column statistic (full length), handed
+    to each block as the entries it spans."""
     return [
         native.KernelBlock(
             piece.param, piece.grad, piece.momentum, block.offset, block.r1 - block.r0, block.c1 - block.c0,
@@ -246,6 +252,7 @@ def _kernel_blocks(
         )
         for i, piece in enumerate(pieces)
         for block in piece.layout.blocks
+        if piece.holds_entries_of(block) == entries_here
     ]
 
 
@@ -508,22 +515,23 @@ class SCALE(Optimizer):
     def _normalized_step(self, pieces: list[_Piece]) -> None:
         """Every normalized piece, in two phases around ONE all_reduce per process group:
         momentum and this rank's partial sums of squares, then decay and the update. On CPU
-        the fused kernel runs both phases; a piece whose RMS is local takes its one pass."""
-        one_pass, kernel, torch_path = [], [], []
-        for piece in pieces:
-            by_kernel = _by_kernel(piece)
-            (one_pass if by_kernel and piece.rms_is_local() else kernel if by_kernel else torch_path).append(piece)
-        native.normalized_step_(_kernel_blocks(one_pass))
-        normalized = kernel + [p for p in torch_path if p.dim is not None]  # their slots, in this order
-        # No normalized piece (plain SGD only, or nothing): no statistic, no collective.
+        the fused kernel steps each block holding whole rows (or columns) in its one pass,
+        and runs the two phases for the blocks the partition cuts."""
+        kernel = [piece for piece in pieces if _by_kernel(piece)]
+        torch_path = [piece for piece in pieces if not _by_kernel(piece)]
+        native.normalized_step_(_kernel_blocks(kernel, entries_here=True))
+        # Slots for the kernel's pieces that need them, then the torch path's.
+        # No normalized piece (plain SGD, or nothing): no statistic, no collective.
+        cut = [piece for piece in kernel if piece.needs_slot()]
+        normalized = cut + [piece for piece in torch_path if piece.dim is not None]
         sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].param.device) if normalized else None
 
         # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
-        native.partial_sums_(_kernel_blocks(kernel, [sums.slot(i) for i in range(len(kernel))]))
+        native.partial_sums_(_kernel_blocks(cut, entries_here=False, stats=[sums.slot(i) for i in range(len(cut))]))
         for beta in {p.beta for p in torch_path if p.momentum is not None}:
             with_momentum = [p for p in torch_path if p.momentum is not None and p.beta == beta]
             momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
-        for i, piece in enumerate(normalized[len(kernel) :], start=len(kernel)):
+        for i, piece in enumerate(normalized[len(cut) :], start=len(cut)):
             sums.add_(i, piece.direction)
         # The full-parameter RMS of every direction: one all_reduce per process group.
         rms = []
@@ -531,8 +539,8 @@ class SCALE(Optimizer):
             sums.all_reduce(self.comm_stats)
             rms = sums.rms()
         # Phase 2: decay and the normalized update.
-        native.apply_rms_(_kernel_blocks(kernel, rms[: len(kernel)]))
-        torch_rms = iter(rms[len(kernel) :])
+        native.apply_rms_(_kernel_blocks(cut, entries_here=False, stats=rms[: len(cut)]))
+        torch_rms = iter(rms[len(cut) :])
         for piece in torch_path:
             normalized_update_(
                 piece.layout, piece.param, piece.direction, None if piece.dim is None else next(torch_rms),

@@ -75,9 +75,14 @@ class ShardLayout:
         return cls(shape, (Block(0, rows, 0, cols, 0),) if rows * cols else ())
 
     @classmethod
-    def flat_range(cls, shape: tuple[int, int], start: int, end: int, group=None) -> ShardLayout:
+    def flat_range(
+        cls, shape: tuple[int, int], start: int, end: int, group=None, boundaries: Sequence[int] | None = None
+    ) -> ShardLayout:
         """Elements [start, end) of the row-major flattening (ZeRO). `group` is None when one
-        rank holds everything, so no collective is needed."""
+        rank holds everything, so no collective is needed. `boundaries`: where the ranks'
+        ranges of this parameter begin and end, the same list on every rank; with it, a
+        reduction needs the group only where the partition really cuts: rows only when a
+        boundary falls inside a row (None: every dim counts as cut)."""
         rows, cols = shape
         if not 0 <= start <= end <= rows * cols:
             raise ValueError(f"range [{start}, {end}) is outside a {rows}x{cols} parameter")
@@ -93,7 +98,15 @@ class ShardLayout:
             blocks.append(block)
             offset += block.numel
             pos += block.numel
-        split = {0: group, 1: group} if group is not None else {}
+        if group is None:
+            split = {}
+        elif boundaries is None:
+            split = {0: group, 1: group}
+        else:
+            inside = [b for b in boundaries if 0 < b < rows * cols]
+            split = {0: group} if inside else {}  # rows on several ranks: columns are cut
+            if any(b % cols for b in inside):  # a row on several ranks
+                split[1] = group
         return cls(shape, tuple(blocks), split)
 
     @classmethod
@@ -121,7 +134,8 @@ class CommStats:
         self.bytes += other.bytes
 
 
-def _comm_device(group, device: torch.device) -> torch.device:
+def comm_device(group, device: torch.device) -> torch.device:
+    """Where a collective of `group` takes a tensor that lives on `device`."""
     # NCCL cannot reduce CPU tensors (optimizer offload): use the current accelerator then.
     if device.type == "cpu" and "gloo" not in str(dist.get_backend(group)):
         return torch.accelerator.current_accelerator(check_available=True)
@@ -174,7 +188,7 @@ class PartialSums:
         for group, buf in self.buffers.items():
             if group is None:
                 continue
-            comm_buf = buf.to(_comm_device(group, buf.device))
+            comm_buf = buf.to(comm_device(group, buf.device))
             dist.all_reduce(comm_buf, op=dist.ReduceOp.SUM, group=group)
             buf.copy_(comm_buf)
             if stats is not None:

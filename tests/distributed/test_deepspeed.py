@@ -21,6 +21,7 @@ tests/distributed/test_deepspeed_client.py.
 from __future__ import annotations
 
 import functools
+import math
 import json
 import os
 
@@ -269,24 +270,42 @@ def test_every_update_is_normalized(name, world2):
         torch.testing.assert_close(rms / lr, torch.ones_like(rms), rtol=1e-4, atol=0, msg=f"{name} {param}")
 
 
+def cut_pieces(role: str, ranks_pieces: list) -> list[tuple]:
+    """The pieces (name, shape) whose row (dim 1) or column (embedding, dim 0) reduction the
+    ranks' ranges cut: a boundary inside a row, or any boundary inside the parameter."""
+    cut = []
+    for pieces in zip(*ranks_pieces, strict=True):  # one parameter, every rank's range
+        name, shape = pieces[0][:2]
+        cols = math.prod(shape[1:])
+        inside = {b for *_, start, end in pieces if end > start for b in (start, end) if 0 < b < shape[0] * cols}
+        if inside if role == "embedding" else any(b % cols for b in inside):
+            cut.append((name, shape))
+    return cut
+
+
 @pytest.mark.parametrize("name", ZERO)
 def test_one_update_per_optimizer_step(name, world2):
     """#8443/#8600 (momentum advanced per micro-batch): SCALE runs once per partition per
     optimizer step, never on a micro-batch that is not an accumulation boundary, and
-    `comm_stats` covers all of one engine step's calls (one all_reduce per partition)."""
+    `comm_stats` covers all of one engine step's calls: one all_reduce per partition whose
+    ranges cut a row (or, for the embedding, its columns), carrying only those pieces' sums."""
+    partitions = [rank_result[name]["partitions"] for rank_result in world2]
+    cut = [(role, cut_pieces(role, [ranks[k][1] for ranks in partitions]))
+           for k, (role, _) in enumerate(partitions[0]) if role != "vector"]
     for rank_result in world2:
         result = rank_result[name]
-        partitions = result["partitions"]
         calls = result["step_calls"]
-        normalized = [part for part in partitions if part[0] != "vector"]
-        # ZeRO-1/2/3 call SCALE once per partition, BF16_Optimizer once for all of them;
-        # each call holding normalized partitions issues one all_reduce
+        # ZeRO-1/2/3 call SCALE once per partition, BF16_Optimizer once for all of them
         once = result["zero_optimizer"] == "BF16_Optimizer"
-        assert len(calls) == STEPS * (1 if once else len(partitions))
+        assert len(calls) == STEPS * (1 if once else len(partitions[0]))
         assert all((micro + 1) % ACCUMULATION == 0 for micro in calls)
-        rows_cols = sum(shape[0] if role != "embedding" else shape[1] for role, pieces in normalized
-                        for _, shape, *_ in pieces)
-        assert result["comm"] == (1 if once else len(normalized), 8 * rows_cols)  # fp64 sums of squares
+        needed = [bool(pieces) for _, pieces in cut]
+        collectives = int(any(needed)) if once else sum(needed)
+        rows_cols = sum(shape[1] if role == "embedding" else shape[0] for role, pieces in cut for _, shape in pieces)
+        assert result["comm"] == (collectives, 8 * rows_cols)  # fp64 sums of squares
+    # The tiny LLaMA has both: whole rows on each rank (no collective) and cut ones.
+    normalized = sum(len(pieces) for role, pieces in partitions[0] if role != "vector")
+    assert 0 < sum(len(pieces) for _, pieces in cut) < normalized
 
 
 def test_zero3_sub_groups(world2):
@@ -384,12 +403,12 @@ def measure_run(names) -> dict:
     for name in names:
         engine, opt = build(case_config(name))
         train(engine, [0])
-        measured[name] = (state_bytes(opt, zero_partitions(engine))["total"], opt.comm_stats)
+        measured[name] = (state_bytes(opt, zero_partitions(engine))["total"], opt.comm_stats.collectives, opt.comm_stats.bytes)
     return measured
 
 
 if __name__ == "__main__":  # the numbers in docs/deepspeed.md
     print(f"single process, no DeepSpeed: {single_process_state_bytes()} B of SCALE state")
     for world in (1, 2, 3):
-        for name, (size, comm) in run_distributed(measure_run, world, ["zero1", "zero2", "zero3", "zero3_subgroups", "bf16_zero1"])[0].items():
-            print(f"world {world} {name:16s} state {size:6d} B/rank  {comm.collectives:2d} all_reduce, {comm.bytes} B")
+        for name, (size, collectives, sent) in run_distributed(measure_run, world, ["zero1", "zero2", "zero3", "zero3_subgroups", "bf16_zero1"])[0].items():
+            print(f"world {world} {name:16s} state {size:6d} B/rank  {collectives:2d} all_reduce, {sent} B")

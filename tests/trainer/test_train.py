@@ -64,8 +64,9 @@ def assert_every_scalar(run_dir, collectives: int):
 def test_deepspeed_scale_tensorboard_has_every_scalar(tmp_path):
     config = write_json(tmp_path / "ds.json", ZERO3)
     _, run_dir = straight_run("deepspeed", ["--config", str(config), "--optimizer", "scale"], tmp_path)
-    # ZeRO-3 steps each role group separately: embedding, output and matrix, one all_reduce each
-    assert_every_scalar(run_dir, collectives=3)
+    # ZeRO-3 steps each role group separately; on 2 ranks the tiny model's matrices and output
+    # layer split between whole rows, so only the embedding's column sums need an all_reduce
+    assert_every_scalar(run_dir, collectives=1)
 
 
 def test_fsdp_tensorboard_has_every_scalar(fsdp_straight):

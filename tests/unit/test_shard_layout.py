@@ -110,3 +110,20 @@ def test_batched_rms_over_gloo_ranks_issues_one_all_reduce():
             torch.testing.assert_close(got, want)
         assert collectives == 1
         assert sent == 8 * sum(a + b for a, b in shapes)  # fp64 sums of squares
+
+
+@pytest.mark.parametrize(
+    "boundaries, split",
+    [
+        (None, {0, 1}),  # unknown: every reduction counts as cut
+        ([0, 24, 48], {0}),  # two ranks, each holding whole rows: only columns are cut
+        ([0, 30, 48], {0, 1}),  # a boundary inside row 2
+        ([0, 48], set()),  # one rank holds it all
+        ([], set()),  # nobody holds any (an empty parameter's ranges)
+    ],
+)
+def test_flat_range_is_cut_only_where_a_boundary_falls(boundaries, split):
+    group = object()  # any process group: only its presence matters to the geometry
+    layout = ShardLayout.flat_range((4, 12), 0, 24, group, boundaries)
+    assert set(layout.split_groups) == split and all(g is group for g in layout.split_groups.values())
+    assert ShardLayout.flat_range((4, 12), 0, 24, None, boundaries).split_groups == {}
