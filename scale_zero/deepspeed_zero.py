@@ -88,7 +88,7 @@ def _partition_role(scale: SCALE, params: list, names: dict) -> str:
 def _range_boundaries(part: FlatPartition) -> list[list[int]]:
     """Per piece, where the ranks' ranges of its parameter begin and end, the same on every
     rank: one all_gather of the (start, end) pairs at bind time, so that a row no boundary
-    cuts (the usual case: a power-of-two world and LLaMA's shapes) needs no collective."""
+    cuts (the usual case: LLaMA's shapes on a power-of-two world) needs no collective."""
     if part.group is None or not part.pieces:
         return [[] for _ in part.pieces]
     device = comm_device(part.group, torch.device("cpu"))
