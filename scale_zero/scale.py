@@ -517,8 +517,9 @@ class SCALE(Optimizer):
         momentum and this rank's partial sums of squares, then decay and the update. On CPU
         the fused kernel steps each block holding whole rows (or columns) in its one pass,
         and runs the two phases for the blocks the partition cuts."""
-        kernel = [piece for piece in pieces if _by_kernel(piece)]
-        torch_path = [piece for piece in pieces if not _by_kernel(piece)]
+        kernel, torch_path = [], []
+        for piece in pieces:
+            (kernel if _by_kernel(piece) else torch_path).append(piece)
         native.normalized_step_(_kernel_blocks(kernel, entries_here=True))
         # Slots for the kernel's pieces that need them, then the torch path's.
         # No normalized piece (plain SGD, or nothing): no statistic, no collective.
