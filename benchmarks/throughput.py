@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import scale_zero
 from scale_zero import SCALE, scale_param_groups
 from scale_zero.scale import NORM_DIMS
-from scale_zero.shard_layout import matrix_shape
+from scale_zero.shard_layout import ShardLayout, matrix_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 # LLaMA-7B (spec section 5), for the communication projection.
@@ -192,11 +192,14 @@ def sub_groups(partition_numels: list[int], sub_group_size: int) -> list[list[in
 
 def reduction_is_cut(shape: tuple[int, int], dim: int, world: int) -> bool:
     """Whether ZeRO-3's ranges (rank r: [r * pn, (r + 1) * pn), pn = ceil(numel / world))
-    cut this parameter's rows (dim 1) or columns (dim 0), so its RMS needs the collective."""
-    rows, cols = shape
-    pn = math.ceil(rows * cols / world)
-    inside = [r * pn for r in range(1, world) if r * pn < rows * cols]
-    return bool(inside) if dim == 0 else any(b % cols for b in inside)
+    cut this parameter's rows (dim 1) or columns (dim 0), so its RMS needs the collective:
+    SCALE's own rule (`ShardLayout.flat_range` with every rank's boundaries), for a group
+    that exists only on paper."""
+    numel = shape[0] * shape[1]
+    pn = math.ceil(numel / world)
+    boundaries = [min(r * pn, numel) for r in range(world + 1)]
+    projected_group = object()  # a stand-in: the layout only records which dims need one
+    return dim in ShardLayout.flat_range(shape, 0, 0, projected_group, boundaries).split_groups
 
 
 def comm_model(config: LlamaConfig, world: int, sub_group_size: int) -> CommModel:
@@ -382,7 +385,8 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         f"gathered parameter bytes ({gather:,}): {scale_stats.bytes / gather:.2e}. DeepSpeed's gradient-norm "
         f"all_reduce (8 bytes) runs once per sub-group: one per {B} param group, one per role group "
         "(embedding, output, matrix, vector) for SCALE's. SCALE issues one all_reduce per sub-group that "
-        "holds normalized pieces, not one per engine step: ZeRO calls the client's `step()` once per "
+        "holds a piece whose rows (or, for the embedding, columns) a rank boundary cuts, and none for the "
+        "others; it cannot merge those of several sub-groups into one per engine step: ZeRO calls the client's `step()` once per "
         "(sub-)group with only that group's flat, prepares that group's gradient just before the call and "
         "copies its updated fp32 partition into the bf16 parameters right after it "
         "(`stage3.py` `step`: `_prepare_sub_group`, `_optimizer_step`, `_reassign_or_swap_out_partitioned_parameters` "
@@ -425,8 +429,9 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
         f"({big.scale_bytes / (2 * grad7):.2e} of the message). With accumulation k ZeRO-3 repeats its "
         "passes every micro-batch and SCALE still sends once per optimizer step: divide by k.",
         "",
-        "SCALE's bytes do not depend on the number of ranks (one fp64 per row / column of the full "
-        "parameter); the gradient bytes do not either, so the ratio holds at any world size. AdamW sends "
+        "SCALE's bytes are one fp64 per cut row and per embedding column of the full parameter: which rows "
+        "are cut depends on the world size (for LLaMA-7B none from 8 to 256 ranks), the bytes per cut row "
+        "do not. AdamW sends "
         "nothing beyond ZeRO-3's own collectives (Muon's own collectives are in the table above).",
         "",
     ]

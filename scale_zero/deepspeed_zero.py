@@ -236,8 +236,9 @@ def bind(engine) -> None:
         raise ValueError("SCALE cannot run with this DeepSpeed configuration:\n  - " + "\n  - ".join(problems))
     partitions = zero_partitions(engine)
     for part in partitions:
-        layouts = [piece.layout(part.group, cuts) for piece, cuts in zip(part.pieces, _range_boundaries(part))]
-        scale.bind_flat(part.flat, [(piece.offset, layout) for piece, layout in zip(part.pieces, layouts)], part.role)
+        pieces = [(piece.offset, piece.layout(part.group, boundaries))
+                  for piece, boundaries in zip(part.pieces, _range_boundaries(part), strict=True)]
+        scale.bind_flat(part.flat, pieces, part.role)
     if partitions:
         _relink_optimizer_state_after_each_step(engine.optimizer, scale)
 
