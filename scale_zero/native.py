@@ -34,9 +34,9 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-# The C entry point of each phase, and the dtype of the statistic it reads or writes.
+_FP32_BYTES = 4  # the kernel takes fp32 tensors only (`accepts`)
+# The C entry point of each phase.
 _ENTRIES = {"step": "scale_normalized_step", "sums": "scale_partial_sums", "apply": "scale_apply_rms"}
-_STATS_DTYPE = {"step": None, "sums": torch.float64, "apply": torch.float32}
 
 
 class _Job(ctypes.Structure):
@@ -52,18 +52,19 @@ class _Job(ctypes.Structure):
         ("lr", ctypes.c_double),
         ("weight_decay", ctypes.c_double),
         ("beta", ctypes.c_double),
+        ("count", ctypes.c_int64),
         ("sumsq", ctypes.c_void_p),
-        ("rms", ctypes.c_void_p),
     ]
 
 
 class KernelBlock(NamedTuple):
     """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 CPU flats
-    (for `normalized_step_`, one whose RMS over `dim` is complete on this rank). The other fields are `_Job`'s and mean
-    what the C side reads: `momentum` None for a role without momentum; `lr`,
-    `weight_decay` and `beta` the param group's values as they are. For the two phases,
-    `stats` is the block's entries of a per-row (dim 1) or per-column (dim 0) statistic:
-    fp64 sums of squares that phase one adds to, or the fp32 RMS phase two divides by."""
+    (for `normalized_step_`, one whose RMS over `dim` is complete on this rank). The other
+    fields are `_Job`'s and mean what the C side reads: `momentum` None for a role without
+    momentum; `lr`, `weight_decay` and `beta` the param group's values as they are; `count`
+    the full parameter's size along `dim` (what each mean is over). For the two phases,
+    `sumsq` is the block's entries of the per-row (dim 1) or per-column (dim 0) fp64 sums of
+    squares: phase one adds to them, phase two takes the RMS from them once reduced."""
 
     param: torch.Tensor
     grad: torch.Tensor
@@ -75,7 +76,8 @@ class KernelBlock(NamedTuple):
     lr: float
     weight_decay: float
     beta: float
-    stats: torch.Tensor | None = None
+    count: int
+    sumsq: torch.Tensor | None = None
 
 
 @functools.cache
@@ -122,35 +124,36 @@ def normalized_step_(blocks: Sequence[KernelBlock]) -> None:
 
 
 def partial_sums_(blocks: Sequence[KernelBlock]) -> None:
-    """Phase one: momentum, and each block's sums of squares added into `stats` (fp64)."""
+    """Phase one: momentum, and each block's sums of squares added into `sumsq`."""
     _run("sums", blocks)
 
 
 def apply_rms_(blocks: Sequence[KernelBlock]) -> None:
-    """Phase two: decay and the update divided by `stats` (the fp32 RMS)."""
+    """Phase two: decay and the update divided by the RMS of the reduced `sumsq`."""
     _run("apply", blocks)
 
 
 def _run(phase: str, blocks: Sequence[KernelBlock]) -> None:
     if not blocks:
         return
-    jobs = (_Job * len(blocks))()
-    for job, block in zip(jobs, blocks):
-        end = block.offset + block.rows * block.cols
-        for t in (block.param, block.grad, block.momentum):
-            if t is not None and end > t.numel():
-                raise ValueError(f"a {block.rows}x{block.cols} block at {block.offset} is outside its flat tensors")
-        job.param, job.grad, job.momentum = (
-            None if t is None else t.data_ptr() + t.element_size() * block.offset
-            for t in (block.param, block.grad, block.momentum)
-        )
-        job.rows, job.cols, job.dim = block.rows, block.cols, block.dim
-        job.lr, job.weight_decay, job.beta = block.lr, block.weight_decay, block.beta
-        dtype = _STATS_DTYPE[phase]
-        if dtype is not None:
-            stats = block.stats
-            entries = block.rows if block.dim == 1 else block.cols
-            if stats is None or stats.dtype != dtype or not stats.is_contiguous() or stats.numel() != entries:
-                raise ValueError(f"phase {phase!r} needs {entries} contiguous {dtype} entries of the statistic")
-            setattr(job, "sumsq" if phase == "sums" else "rms", stats.data_ptr())
+    jobs = (_Job * len(blocks))(*map(functools.partial(_job, phase), blocks))
     getattr(_library(), _ENTRIES[phase])(jobs, len(blocks), torch.get_num_threads())
+
+
+def _job(phase: str, b: KernelBlock) -> _Job:
+    # The C side trusts these pointers: every block must lie inside its tensors.
+    end = b.offset + b.rows * b.cols
+    if end > b.param.numel() or end > b.grad.numel() or (b.momentum is not None and end > b.momentum.numel()):
+        raise ValueError(f"a {b.rows}x{b.cols} block at {b.offset} is outside its flat tensors")
+    sumsq = None
+    if phase != "step":
+        entries = b.rows if b.dim == 1 else b.cols
+        if b.sumsq is None or b.sumsq.dtype != torch.float64 or not b.sumsq.is_contiguous() or b.sumsq.numel() != entries:
+            raise ValueError(f"phase {phase!r} needs {entries} contiguous fp64 sums of squares")
+        sumsq = b.sumsq.data_ptr()
+    start = _FP32_BYTES * b.offset
+    return _Job(
+        b.param.data_ptr() + start, b.grad.data_ptr() + start,
+        None if b.momentum is None else b.momentum.data_ptr() + start,
+        b.rows, b.cols, b.dim, b.lr, b.weight_decay, b.beta, b.count, sumsq,
+    )

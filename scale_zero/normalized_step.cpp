@@ -15,8 +15,8 @@
 // scale_partial_sums / scale_apply_rms: the two phases for blocks cut by the partition
 //   (ZeRO ranges: a partial first row, whole rows, a partial last row; FSDP2 columns).
 //   Phase one advances the momentum and adds the block's sums of squares into its slots of
-//   the batched buffer (`sumsq`); the caller all_reduces the buffer and turns it into the
-//   RMS; phase two applies decay and the update from `rms`.
+//   the batched buffer (`sumsq`); the caller all_reduces the buffer; phase two takes each
+//   entry's RMS from the reduced sums and applies decay and the update.
 //
 // Sums of squares are fp64, from the exact fp64 products of fp32 values: an fp32 value
 // squared is at most ~1.2e77 and at least ~2e-90, so neither a row of 1e25 nor one of
@@ -53,8 +53,8 @@ struct Job {
   double lr;            // the param group's values, as they are
   double weight_decay;
   double beta;          // momentum coefficient
-  double* sumsq;        // phase one: this block's first entry (row or column) in the batched buffer
-  const float* rms;     // phase two: the same entry of the RMS
+  int64_t count;        // how many values each entry's mean is over: the full parameter's size along dim
+  double* sumsq;        // the two phases: this block's first entry (row or column) in the batched buffer
 };
 
 }  // extern "C"
@@ -102,37 +102,41 @@ inline void update_row(float* p, const float* s, int64_t cols, float d, float lr
 void step_rows(const Job& j, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = source_row(j, r);
-    update_row(j.param + r * j.cols, s, j.cols, decay(j), float(j.lr), rms_of(row_sumsq(s, j.cols), j.cols));
+    update_row(j.param + r * j.cols, s, j.cols, decay(j), float(j.lr), rms_of(row_sumsq(s, j.cols), j.count));
   }
 }
 
 // dim 0, rows [r0, r1): momentum, and the chunk's column sums of squares.
-// Rows are taken two at a time from the two halves of the range: two memory streams keep
-// more reads in flight on one core than one stream does.
+// Rows are taken four at a time from the four quarters of the range: a read-only pass on
+// one core keeps more reads in flight with several memory streams than with one.
 void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq) {
   std::fill(sumsq, sumsq + j.cols, 0.0);
-  const int64_t half = (r1 - r0) / 2;
-  for (int64_t r = r0; r < r0 + half; ++r) {
-    const float* s = source_row(j, r);
-    const float* t = source_row(j, r + half);
+  const int64_t quarter = (r1 - r0) / 4;
+  for (int64_t r = r0; r < r0 + quarter; ++r) {
+    const float* s0 = source_row(j, r);
+    const float* s1 = source_row(j, r + quarter);
+    const float* s2 = source_row(j, r + 2 * quarter);
+    const float* s3 = source_row(j, r + 3 * quarter);
 #pragma omp simd
-    for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c] + double(t[c]) * t[c];
+    for (int64_t c = 0; c < j.cols; ++c)
+      sumsq[c] += (double(s0[c]) * s0[c] + double(s1[c]) * s1[c]) + (double(s2[c]) * s2[c] + double(s3[c]) * s3[c]);
   }
-  if ((r1 - r0) % 2) {
-    const float* s = source_row(j, r1 - 1);
+  for (int64_t r = r0 + 4 * quarter; r < r1; ++r) {  // the rows the quarters leave
+    const float* s = source_row(j, r);
 #pragma omp simd
     for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c];
   }
 }
 
-// Rows [r0, r1) with one RMS per column (dim 0) or per row (dim 1).
+// Rows [r0, r1), each entry's RMS from its sum of squares: per row (dim 1) from `sumsq`,
+// per column (dim 0) from `rms`, the columns' RMS computed once per job.
 void apply_rms(const Job& j, int64_t r0, int64_t r1, const float* rms) {
   const float d = decay(j), lr = float(j.lr);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = direction(j) + r * j.cols;
     float* p = j.param + r * j.cols;
     if (j.dim == 1) {
-      update_row(p, s, j.cols, d, lr, rms[r]);
+      update_row(p, s, j.cols, d, lr, rms_of(j.sumsq[r], j.count));
       continue;
     }
 #pragma omp simd
@@ -188,6 +192,13 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int threads, const Work& 
   for (auto& t : pool) t.join();
 }
 
+// The RMS of each of a dim-0 job's columns from their sums of squares (empty for dim 1).
+std::vector<float> column_rms(const Job& j, const double* sumsq) {
+  std::vector<float> rms(j.dim == 0 ? j.cols : 0);
+  for (size_t c = 0; c < rms.size(); ++c) rms[c] = rms_of(sumsq[c], j.count);
+  return rms;
+}
+
 }  // namespace
 
 extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threads) {
@@ -207,8 +218,7 @@ extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threa
     if (!rms[ch.job].empty()) continue;
     std::vector<double> total(j.cols, 0.0);
     add_column_sums(column_sums[ch.job], j.cols, total.data());
-    rms[ch.job].resize(j.cols);
-    for (int64_t c = 0; c < j.cols; ++c) rms[ch.job][c] = rms_of(total[c], j.rows);
+    rms[ch.job] = column_rms(j, total.data());
   }
   parallel_chunks(second, threads, [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, rms[ch.job].data()); });
 }
@@ -228,6 +238,8 @@ extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads)
 
 extern "C" void scale_apply_rms(const Job* jobs, int64_t n_jobs, int threads) {
   std::vector<std::vector<double>> unused;
+  std::vector<std::vector<float>> rms(n_jobs);
+  for (int64_t k = 0; k < n_jobs; ++k) rms[k] = column_rms(jobs[k], jobs[k].sumsq);
   parallel_chunks(make_chunks(jobs, n_jobs, false, unused), threads,
-                  [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, jobs[ch.job].rms); });
+                  [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, rms[ch.job].data()); });
 }

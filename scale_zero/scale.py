@@ -194,65 +194,70 @@ class _Unit:
     pieces: Sequence[tuple[int, ShardLayout]]
     write_back: torch.Tensor | None = None  # the low-precision parameter `param` was copied from
 
-    def piece(self, flat: torch.Tensor, offset: int, layout: ShardLayout) -> torch.Tensor:
-        if offset == 0 and layout.numel == flat.numel():
-            return flat  # the whole tensor (no view to make)
-        return flat[offset : offset + layout.numel]
-
 
 @dataclass
 class _Piece:
-    """What one rank holds of one normalized parameter, as fp32 flats, with its group's
-    hyperparameters. `momentum` None: the role keeps none, the direction is the gradient."""
+    """What one rank holds of one normalized parameter: `layout`'s values, stored from
+    `offset` of its unit's flats `flat_param`, `flat_grad` and `flat_momentum` (None: the
+    role keeps no momentum, the direction is the gradient), with its group's
+    hyperparameters. The kernel reads the flats at the offset; the torch path takes views."""
 
     layout: ShardLayout
-    param: torch.Tensor
-    grad: torch.Tensor
-    momentum: torch.Tensor | None
+    offset: int
+    flat_param: torch.Tensor
+    flat_grad: torch.Tensor
+    flat_momentum: torch.Tensor | None
     dim: int | None
     lr: float
     weight_decay: float
     beta: float
+    in_fp32: bool  # parameter, gradient and momentum all stored in fp32
+    by_kernel: bool  # stepped by the fused CPU kernel (both phases, or the one-pass step)
     rounding: Rounding | None = None  # how bf16 writes round (low-precision pieces only)
+
+    def _view(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.offset == 0 and self.layout.numel == flat.numel():
+            return flat  # the whole tensor (no view to make)
+        return flat[self.offset : self.offset + self.layout.numel]
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self._view(self.flat_param)
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self._view(self.flat_grad)
+
+    @property
+    def momentum(self) -> torch.Tensor | None:
+        return None if self.flat_momentum is None else self._view(self.flat_momentum)
 
     @property
     def direction(self) -> torch.Tensor:
-        return self.grad if self.momentum is None else self.momentum
-
-    def holds_entries_of(self, block: Block) -> bool:
-        """Whether `block` holds whole rows (dim 1) or whole columns (dim 0), so its RMS
-        entries are complete here: a partition gives every element to one rank, so no other
-        rank adds to them. Only the other blocks need the two phases."""
-        lo, hi = block.span(1 - self.dim)
-        return hi - lo == self.layout.shape[self.dim]
+        return self.grad if self.flat_momentum is None else self.momentum
 
     def needs_slot(self) -> bool:
         """Whether the piece takes part in the batched buffer: always where the partition
         may cut its rows (or columns), so every rank has the same slots; else only for a
         block holding part of a row (its entries are sums over the full row length)."""
-        return self.dim in self.layout.split_groups or not all(map(self.holds_entries_of, self.layout.blocks))
-
-
-def _by_kernel(piece: _Piece) -> bool:
-    """Whether the fused CPU kernel steps this piece (both phases, or the one-pass step)."""
-    return piece.dim is not None and native.accepts(piece.param, piece.grad, piece.momentum) and native.available()
+        return self.dim in self.layout.split_groups or not all(self.layout.holds_entries[self.dim])
 
 
 def _kernel_blocks(
-    pieces: Sequence[_Piece], entries_here: bool, stats: Sequence[torch.Tensor] | None = None
+    pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
 ) -> list[native.KernelBlock]:
-    """The blocks of these pieces whose RMS entries are complete here (`entries_here`), or
-    the others; `stats[i]`, piece i's per-row or per-column statistic (full length), handed
-    to each block as the entries it spans."""
+    """The blocks of these pieces whose RMS entries are complete here (`entries_here`,
+    `ShardLayout.holds_entries`), or the others; `sums[i]`, piece i's slot of the batched
+    buffer (full length), handed to each block as the entries it spans."""
     return [
         native.KernelBlock(
-            piece.param, piece.grad, piece.momentum, block.offset, block.r1 - block.r0, block.c1 - block.c0,
-            piece.dim, piece.lr, piece.weight_decay, piece.beta,
-            None if stats is None else stats[i][slice(*block.span(piece.dim))],
+            piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
+            block.r1 - block.r0, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
+            piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
         )
         for i, piece in enumerate(pieces)
-        for block in piece.layout.blocks
-        if piece.holds_entries_of(block) == entries_here
+        for block, complete in zip(piece.layout.blocks, piece.layout.holds_entries[piece.dim])
+        if complete == entries_here
     ]
 
 
@@ -517,31 +522,31 @@ class SCALE(Optimizer):
         momentum and this rank's partial sums of squares, then decay and the update. On CPU
         the fused kernel steps each block holding whole rows (or columns) in its one pass,
         and runs the two phases for the blocks the partition cuts."""
-        kernel, torch_path = [], []
-        for piece in pieces:
-            (kernel if _by_kernel(piece) else torch_path).append(piece)
+        kernel = [piece for piece in pieces if piece.by_kernel]
+        torch_path = [piece for piece in pieces if not piece.by_kernel]
         native.normalized_step_(_kernel_blocks(kernel, entries_here=True))
         # Slots for the kernel's pieces that need them, then the torch path's.
         # No normalized piece (plain SGD, or nothing): no statistic, no collective.
         cut = [piece for piece in kernel if piece.needs_slot()]
         normalized = cut + [piece for piece in torch_path if piece.dim is not None]
-        sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].param.device) if normalized else None
+        sums = None
+        if normalized:
+            sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].flat_param.device)
 
         # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
-        native.partial_sums_(_kernel_blocks(cut, entries_here=False, stats=[sums.slot(i) for i in range(len(cut))]))
-        for beta in {p.beta for p in torch_path if p.momentum is not None}:
-            with_momentum = [p for p in torch_path if p.momentum is not None and p.beta == beta]
+        slots = [sums.slot(i) for i in range(len(cut))]
+        native.partial_sums_(_kernel_blocks(cut, entries_here=False, sums=slots))
+        for beta in {p.beta for p in torch_path if p.flat_momentum is not None}:
+            with_momentum = [p for p in torch_path if p.flat_momentum is not None and p.beta == beta]
             momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
         for i, piece in enumerate(normalized[len(cut) :], start=len(cut)):
             sums.add_(i, piece.direction)
-        # The full-parameter RMS of every direction: one all_reduce per process group.
-        rms = []
+        # The full-parameter sums of every direction: one all_reduce per process group.
         if sums is not None:
             sums.all_reduce(self.comm_stats)
-            rms = sums.rms()
-        # Phase 2: decay and the normalized update.
-        native.apply_rms_(_kernel_blocks(cut, entries_here=False, stats=rms[: len(cut)]))
-        torch_rms = iter(rms[len(cut) :])
+        # Phase 2: decay and the normalized update (the kernel takes the RMS from the sums).
+        native.apply_rms_(_kernel_blocks(cut, entries_here=False, sums=slots))
+        torch_rms = iter(sums.rms()[len(cut) :] if len(normalized) > len(cut) else [])
         for piece in torch_path:
             normalized_update_(
                 piece.layout, piece.param, piece.direction, None if piece.dim is None else next(torch_rms),
@@ -592,7 +597,7 @@ class SCALE(Optimizer):
     def _step_low_precision(self, pieces: list[_Piece]) -> list[_Piece]:
         """Step the pieces with bf16 storage (parameter, gradient or momentum) in fp32 chunks,
         with their own batched RMS (one all_reduce per process group); return the others."""
-        low = [piece for piece in pieces if not stored_in_fp32(piece.param, piece.grad, piece.momentum)]
+        low = [piece for piece in pieces if not piece.in_fp32]
         for piece in low:
             if piece.momentum is not None:
                 chunked_momentum_(piece.layout, piece.momentum, piece.grad, piece.beta, piece.rounding)
@@ -604,7 +609,7 @@ class SCALE(Optimizer):
                 piece.layout, piece.param, piece.direction, None if piece.dim is None else next(rms), piece.dim,
                 piece.lr, piece.weight_decay, piece.rounding,
             )
-        return [piece for piece in pieces if stored_in_fp32(piece.param, piece.grad, piece.momentum)]
+        return [piece for piece in pieces if piece.in_fp32]
 
     def _params_by_role(self, group: dict) -> dict[str, list[torch.Tensor]]:
         """The group's tensors by role, in order: the group's `role`, else each one's own."""
@@ -622,17 +627,19 @@ class SCALE(Optimizer):
 
     def _pieces(self, group: dict, role: str, units: list[_Unit]) -> list[_Piece]:
         pieces = []
+        dim, lr, weight_decay, beta = (
+            group["norm_dims"][role], _as_float(group["lr"]), group["weight_decay"], group["momentum"]
+        )
         for unit in units:
             momentum = self._state(unit, "momentum_buffer") if role in group["momentum_roles"] else None
+            # Decided per unit: its pieces share its flats.
+            in_fp32 = stored_in_fp32(unit.param, unit.grad, momentum)
+            by_kernel = dim is not None and native.accepts(unit.param, unit.grad, momentum) and native.available()
             bf16_writes = self.stochastic_rounding and not stored_in_fp32(unit.param, momentum)
             rounding = self._rounding(self.state[unit.key]["step"]) if bf16_writes else None
             pieces += [
-                _Piece(
-                    layout, unit.piece(unit.param, offset, layout), unit.piece(unit.grad, offset, layout),
-                    None if momentum is None else unit.piece(momentum, offset, layout),
-                    group["norm_dims"][role], _as_float(group["lr"]), group["weight_decay"], group["momentum"],
-                    rounding,
-                )
+                _Piece(layout, offset, unit.param, unit.grad, momentum, dim, lr, weight_decay, beta, in_fp32, by_kernel,
+                       rounding)
                 for offset, layout in unit.pieces
             ]
         return pieces

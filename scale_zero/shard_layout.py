@@ -121,6 +121,14 @@ class ShardLayout:
     def numel(self) -> int:
         return sum(b.numel for b in self.blocks)
 
+    @functools.cached_property
+    def holds_entries(self) -> dict[int, tuple[bool, ...]]:
+        """Per dim, for each block: whether it holds whole rows (dim 1) or whole columns
+        (dim 0), so its entries of the per-row / per-column statistic are complete on this
+        rank (a partition gives every element to one rank: no other rank adds to them)."""
+        rows, cols = self.shape
+        return {1: tuple(b.c1 - b.c0 == cols for b in self.blocks), 0: tuple(b.r1 - b.r0 == rows for b in self.blocks)}
+
 
 @dataclass
 class CommStats:
@@ -161,12 +169,7 @@ class PartialSums:
             self.slots.append((group, start))
             counts.setdefault(group, []).append((layout.shape[dim], layout.shape[1 - dim]))
         self.buffers = {g: torch.zeros(n, dtype=torch.float64, device=device) for g, n in sizes.items()}
-        # Per entry, how many values its mean is over: the full parameter's size along dim.
-        self._counts = {
-            g: torch.tensor([n for n, _ in c], dtype=torch.float64).repeat_interleave(
-                torch.tensor([k for _, k in c])).to(device)
-            for g, c in counts.items()
-        }
+        self._counts = counts  # per group, each piece's (values each mean is over, entries), for `rms`
 
     def slot(self, i: int) -> torch.Tensor:
         """Piece i's entries, the full length of its statistic."""
@@ -197,10 +200,12 @@ class PartialSums:
 
     def rms(self) -> list[torch.Tensor]:
         """Per piece, the fp32 RMS over dim of the FULL parameter, floored at 1e-8."""
-        full = {
-            g: buf.div(self._counts[g]).sqrt_().to(torch.float32).clamp_min_(RMS_FLOOR)
-            for g, buf in self.buffers.items()
-        }
+        full = {}
+        for g, buf in self.buffers.items():
+            # Per entry, how many values its mean is over: the full parameter's size along dim.
+            counts = torch.tensor([n for n, _ in self._counts[g]], dtype=torch.float64).repeat_interleave(
+                torch.tensor([k for _, k in self._counts[g]])).to(buf.device)
+            full[g] = buf.div(counts).sqrt_().to(torch.float32).clamp_min_(RMS_FLOOR)
         return [full[group][start : start + layout.shape[1 - dim]]
                 for (layout, dim), (group, start) in zip(self.pieces, self.slots)]
 
