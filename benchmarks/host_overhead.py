@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.throughput import ROOT, build, cpu_model
+from benchmarks.throughput import ROOT, arg_parser, build, cpu_model
 from scale_zero import native
 
 
@@ -34,10 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/host_overhead.md")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args()
-    # benchmarks/throughput.py's model and run defaults, which `build` reads.
-    args.__dict__.update(hidden=512, ffn=1376, layers=4, heads=8, vocab=8192, micro_batch=2, accum=1,
-                         dtype="bf16", offload=False)
-    return args
+    # benchmarks/throughput.py's model and run defaults, which `build` reads; this run's seq.
+    return argparse.Namespace(**{**vars(arg_parser().parse_args([])), **vars(args)})
 
 
 def main() -> None:
@@ -55,7 +53,7 @@ def main() -> None:
         lambda *_: calls.append(tuple(now - then for now, then in zip((time.thread_time(), time.process_time()),
                                                                       started.pop())))
     )
-    input_ids = torch.randint(0, 8192, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(0))
     for step in range(3 + args.steps):
         if step == 3:
             calls.clear()

@@ -48,7 +48,7 @@ DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 BASELINES = {"adamw": "AdamW", "muon": "Muon"}
 
 
-def parse_args() -> argparse.Namespace:
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model (LlamaForCausalLM, untied embeddings)")
     model.add_argument("--hidden", type=int, default=512)
@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--project-world", type=int, default=64, help="ranks for the 7B projection")
     run.add_argument("--out", type=Path, default=ROOT / "docs/results/throughput.md")
     run.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    return parser.parse_args()
+    return parser
 
 
 def llama_config(args) -> LlamaConfig:
@@ -439,7 +439,7 @@ def report(args, runs: list[Engine], cpu: dict, comm: dict, scale_stats, world: 
 
 
 def main() -> None:
-    args = parse_args()
+    args = arg_parser().parse_args()
     started = time.perf_counter()
     deepspeed.init_distributed()
     torch.set_num_threads(args.threads)

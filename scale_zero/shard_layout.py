@@ -161,15 +161,13 @@ class PartialSums:
 
     def __init__(self, pieces: Sequence[tuple[ShardLayout, int]], device: torch.device):
         self.pieces = list(pieces)
-        self.slots, sizes, counts = [], {}, {}
+        self.slots, sizes = [], {}
         for layout, dim in self.pieces:
             group = layout.split_groups.get(dim)
             start = sizes.get(group, 0)
             sizes[group] = start + layout.shape[1 - dim]
             self.slots.append((group, start))
-            counts.setdefault(group, []).append((layout.shape[dim], layout.shape[1 - dim]))
         self.buffers = {g: torch.zeros(n, dtype=torch.float64, device=device) for g, n in sizes.items()}
-        self._counts = counts  # per group, each piece's (values each mean is over, entries), for `rms`
 
     def slot(self, i: int) -> torch.Tensor:
         """Piece i's entries, the full length of its statistic."""
@@ -202,9 +200,12 @@ class PartialSums:
         """Per piece, the fp32 RMS over dim of the FULL parameter, floored at 1e-8."""
         full = {}
         for g, buf in self.buffers.items():
-            # Per entry, how many values its mean is over: the full parameter's size along dim.
-            counts = torch.tensor([n for n, _ in self._counts[g]], dtype=torch.float64).repeat_interleave(
-                torch.tensor([k for _, k in self._counts[g]])).to(buf.device)
+            # Per entry, how many values its mean is over: the full parameter's size along dim
+            # (the group's pieces in slot order).
+            shapes = [(layout.shape[dim], layout.shape[1 - dim])
+                      for (layout, dim), (group, _) in zip(self.pieces, self.slots) if group == g]
+            counts = torch.tensor([n for n, _ in shapes], dtype=torch.float64).repeat_interleave(
+                torch.tensor([k for _, k in shapes])).to(buf.device)
             full[g] = buf.div(counts).sqrt_().to(torch.float32).clamp_min_(RMS_FLOOR)
         return [full[group][start : start + layout.shape[1 - dim]]
                 for (layout, dim), (group, start) in zip(self.pieces, self.slots)]
