@@ -3,6 +3,8 @@ is chosen the same way by torch.distributed) and collect what each rank returns.
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import socket
 import tempfile
@@ -19,6 +21,7 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, out_dir, fn, args):
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT, SIGSEGV) prints its Python stack
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -28,6 +31,12 @@ def _worker(rank, world_size, port, out_dir, fn, args):
     try:
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Tear down in order: the rank's models and optimizers (reference cycles, which hold
+        # the engines' pending work) freed while the process group lives, and no rank
+        # closing its connections while another still uses them.
+        del result
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
