@@ -1,9 +1,9 @@
 """The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`), whose blocks
-carry the fields of the C `struct Job` by name:
+carry the fields of the C `struct Job` by name, run as a `Batch` of one phase:
 
-- `normalized_step_`: blocks whose RMS is complete on this rank, the whole step in one call;
-- `partial_sums_` then `apply_rms_`: the two phases of blocks the partition cuts, around
-  the all_reduce of the batched buffer (`shard_layout.PartialSums`).
+- "step": blocks whose RMS is complete on this rank, the whole step in one call;
+- "sums" then "apply": the two phases of blocks the partition cuts, around the all_reduce
+  of the batched buffer (`shard_layout.PartialSums`).
 
 Which pieces take which is decided by `scale_zero.scale`, whose torch path computes the
 same thing.
@@ -59,7 +59,7 @@ class _Job(ctypes.Structure):
 
 class KernelBlock(NamedTuple):
     """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 CPU flats
-    (for `normalized_step_`, one whose RMS over `dim` is complete on this rank). The other
+    (for the "step" phase, one whose RMS over `dim` is complete on this rank). The other
     fields are `_Job`'s and mean what the C side reads: `momentum` None for a role without
     momentum; `lr`, `weight_decay` and `beta` the param group's values as they are; `count`
     the full parameter's size along `dim` (what each mean is over). For the two phases,
@@ -118,26 +118,34 @@ def accepts(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def normalized_step_(blocks: Sequence[KernelBlock]) -> None:
-    """The fused SCALE step of every block (RMS local), in one call."""
-    _run("step", blocks)
+class Batch:
+    """One phase's blocks as the C side's job array, built once and run at every step that
+    steps the same blocks: per run only each block's gradient (ZeRO flattens a new one at
+    every step) and lr (the schedule) are written in. `owners[i]` says which of the run's
+    gradients and rates block i takes. The caller keeps a batch only while the blocks'
+    parameter and momentum storage, shapes, settings and `sumsq` stay what it was built
+    with; the batch holds no tensor (a gradient must be free to go after its step)."""
 
+    def __init__(self, phase: str, blocks: Sequence[KernelBlock], owners: Sequence[int]):
+        self.entry = _ENTRIES[phase]
+        self.jobs = (_Job * len(blocks))(*map(functools.partial(_job, phase), blocks))
+        self.owners = tuple(owners)
+        self.grad_offsets = tuple(_FP32_BYTES * b.offset for b in blocks)
+        self.grad_ends: dict[int, int] = {}  # per owner, how many elements its gradient must hold
+        for owner, b in zip(self.owners, blocks, strict=True):
+            self.grad_ends[owner] = max(self.grad_ends.get(owner, 0), b.offset + b.rows * b.cols)
 
-def partial_sums_(blocks: Sequence[KernelBlock]) -> None:
-    """Phase one: momentum, and each block's sums of squares added into `sumsq`."""
-    _run("sums", blocks)
-
-
-def apply_rms_(blocks: Sequence[KernelBlock]) -> None:
-    """Phase two: decay and the update divided by the RMS of the reduced `sumsq`."""
-    _run("apply", blocks)
-
-
-def _run(phase: str, blocks: Sequence[KernelBlock]) -> None:
-    if not blocks:
-        return
-    jobs = (_Job * len(blocks))(*map(functools.partial(_job, phase), blocks))
-    getattr(_library(), _ENTRIES[phase])(jobs, len(blocks), torch.get_num_threads())
+    def run(self, grads: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
+        if not self.owners:
+            return
+        for owner, end in self.grad_ends.items():
+            if not accepts(grads[owner]) or grads[owner].numel() < end:
+                raise ValueError(f"a gradient of {grads[owner].numel()} elements does not hold its blocks ({end})")
+        addresses = [g.data_ptr() for g in grads]
+        for job, owner, offset in zip(self.jobs, self.owners, self.grad_offsets):
+            job.grad = addresses[owner] + offset
+            job.lr = lrs[owner]
+        getattr(_library(), self.entry)(self.jobs, len(self.owners), torch.get_num_threads())
 
 
 def _job(phase: str, b: KernelBlock) -> _Job:

@@ -243,22 +243,51 @@ class _Piece:
         return self.dim in self.layout.split_groups or not all(self.layout.holds_entries[self.dim])
 
 
-def _kernel_blocks(
-    pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
-) -> list[native.KernelBlock]:
+def _kernel_batch(
+    phase: str, pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
+) -> native.Batch:
     """The blocks of these pieces whose RMS entries are complete here (`entries_here`,
-    `ShardLayout.holds_entries`), or the others; `sums[i]`, piece i's slot of the batched
+    `ShardLayout.holds_entries`), or the others, as a kernel batch whose block i takes the
+    gradient and lr of the piece it is part of; `sums[i]`, piece i's slot of the batched
     buffer (full length), handed to each block as the entries it spans."""
-    return [
-        native.KernelBlock(
-            piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
-            block.r1 - block.r0, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
-            piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
-        )
-        for i, piece in enumerate(pieces)
-        for block, complete in zip(piece.layout.blocks, piece.layout.holds_entries[piece.dim])
-        if complete == entries_here
-    ]
+    owners, blocks = [], []
+    for i, piece in enumerate(pieces):
+        for block, complete in zip(piece.layout.blocks, piece.layout.holds_entries[piece.dim]):
+            if complete != entries_here:
+                continue
+            owners.append(i)
+            blocks.append(native.KernelBlock(
+                piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
+                block.r1 - block.r0, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
+                piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
+            ))
+    return native.Batch(phase, blocks, owners)
+
+
+@dataclass
+class _KernelPlan:
+    """The kernel's part of one call's step, its three phases and the batched buffer, kept
+    while the call steps the same pieces (`SCALE._kernel_plan`): a step writes in only its
+    gradients and lr. `layouts` holds the layouts whose ids the plan's key names."""
+
+    layouts: tuple[ShardLayout, ...]
+    sums: PartialSums | None
+    step: native.Batch
+    partial_sums: native.Batch
+    apply: native.Batch
+
+
+def _plan_key(kernel: Sequence[_Piece], normalized: Sequence[_Piece]) -> tuple:
+    """What a `_KernelPlan` is built from, besides the gradients and lr: each kernel piece's
+    layout, place, settings and storage, and the layout of each piece with a slot."""
+    def storage(t: torch.Tensor | None):
+        return None if t is None else (t.data_ptr(), t.numel())
+
+    return (
+        tuple((id(p.layout), p.offset, p.dim, p.weight_decay, p.beta, storage(p.flat_param), storage(p.flat_momentum))
+              for p in kernel),
+        tuple((id(p.layout), p.dim, p.flat_param.device) for p in normalized),
+    )
 
 
 def _check_lr(lr: float | torch.Tensor) -> None:
@@ -334,6 +363,7 @@ class SCALE(Optimizer):
         self.comm_stats = CommStats()  # collectives of the last optimizer step
         self._counted: set[int] = set()  # ids of the tensors `comm_stats` has stepped
         self._flats: dict[torch.Tensor, tuple[tuple[int, ShardLayout], ...]] = {}  # see bind_flat
+        self._kernel_plans: dict[tuple, _KernelPlan] = {}  # see _kernel_plan; not copied or pickled
         self._roles: dict[torch.Tensor, str] = {}  # see role_of
         self._model_roles = module_roles(model) if model is not None else {}
         self._by_shape: list[str] = []  # >=2-D parameters whose role only their shape decided
@@ -367,6 +397,7 @@ class SCALE(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_counted", set())
+        self.__dict__.setdefault("_kernel_plans", {})
         self.__dict__.setdefault("_model_roles", {})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -522,20 +553,21 @@ class SCALE(Optimizer):
         momentum and this rank's partial sums of squares, then decay and the update. On CPU
         the fused kernel steps each block holding whole rows (or columns) in its one pass,
         and runs the two phases for the blocks the partition cuts."""
-        kernel = [piece for piece in pieces if piece.by_kernel]
         torch_path = [piece for piece in pieces if not piece.by_kernel]
-        native.normalized_step_(_kernel_blocks(kernel, entries_here=True))
+        slotted = {id(piece) for piece in pieces if piece.by_kernel and piece.needs_slot()}
+        # The kernel's pieces, those that need a slot (its two phases) first.
+        cut = [piece for piece in pieces if id(piece) in slotted]
+        kernel = cut + [piece for piece in pieces if piece.by_kernel and id(piece) not in slotted]
         # Slots for the kernel's pieces that need them, then the torch path's.
         # No normalized piece (plain SGD, or nothing): no statistic, no collective.
-        cut = [piece for piece in kernel if piece.needs_slot()]
         normalized = cut + [piece for piece in torch_path if piece.dim is not None]
-        sums = None
-        if normalized:
-            sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].flat_param.device)
+        plan = self._kernel_plan(kernel, cut, normalized)
+        grads, lrs = [p.flat_grad for p in kernel], [p.lr for p in kernel]
+        plan.step.run(grads, lrs)
+        sums = plan.sums
 
         # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
-        slots = [sums.slot(i) for i in range(len(cut))]
-        native.partial_sums_(_kernel_blocks(cut, entries_here=False, sums=slots))
+        plan.partial_sums.run(grads[: len(cut)], lrs[: len(cut)])
         for beta in {p.beta for p in torch_path if p.flat_momentum is not None}:
             with_momentum = [p for p in torch_path if p.flat_momentum is not None and p.beta == beta]
             momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
@@ -545,13 +577,40 @@ class SCALE(Optimizer):
         if sums is not None:
             sums.all_reduce(self.comm_stats)
         # Phase 2: decay and the normalized update (the kernel takes the RMS from the sums).
-        native.apply_rms_(_kernel_blocks(cut, entries_here=False, sums=slots))
+        plan.apply.run(grads[: len(cut)], lrs[: len(cut)])
         torch_rms = iter(sums.rms()[len(cut) :] if len(normalized) > len(cut) else [])
         for piece in torch_path:
             normalized_update_(
                 piece.layout, piece.param, piece.direction, None if piece.dim is None else next(torch_rms),
                 piece.dim, piece.lr, piece.weight_decay,
             )
+
+    # How many calls' plans are kept: DeepSpeed calls the step once per (sub-)group.
+    _PLANS_KEPT = 16
+
+    def _kernel_plan(self, kernel: list[_Piece], cut: list[_Piece], normalized: list[_Piece]) -> _KernelPlan:
+        """The plan for these pieces (`cut` the first of `kernel`), from the last steps' if one
+        was built from the same layouts, storage and settings; its batched buffer zeroed for
+        this step."""
+        key = _plan_key(kernel, normalized)
+        plan = self._kernel_plans.pop(key, None)
+        if plan is None:
+            sums = None
+            if normalized:
+                sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].flat_param.device)
+            slots = [sums.slot(i) for i in range(len(cut))]
+            plan = _KernelPlan(
+                tuple(p.layout for p in kernel + normalized), sums,
+                _kernel_batch("step", kernel, entries_here=True),
+                _kernel_batch("sums", cut, entries_here=False, sums=slots),
+                _kernel_batch("apply", cut, entries_here=False, sums=slots),
+            )
+        elif plan.sums is not None:
+            plan.sums.zero_()
+        self._kernel_plans[key] = plan  # the most recent last
+        while len(self._kernel_plans) > self._PLANS_KEPT:
+            self._kernel_plans.pop(next(iter(self._kernel_plans)))
+        return plan
 
     def _count_step(self) -> None:
         """Start a new `comm_stats` count if this call holds a tensor the current one stepped."""

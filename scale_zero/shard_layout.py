@@ -169,6 +169,11 @@ class PartialSums:
             self.slots.append((group, start))
         self.buffers = {g: torch.zeros(n, dtype=torch.float64, device=device) for g, n in sizes.items()}
 
+    def zero_(self) -> None:
+        """Empty every slot, for the next step's sums."""
+        for buf in self.buffers.values():
+            buf.zero_()
+
     def slot(self, i: int) -> torch.Tensor:
         """Piece i's entries, the full length of its statistic."""
         (layout, dim), (group, start) = self.pieces[i], self.slots[i]
@@ -202,13 +207,20 @@ class PartialSums:
         for g, buf in self.buffers.items():
             # Per entry, how many values its mean is over: the full parameter's size along dim
             # (the group's pieces in slot order).
-            shapes = [(layout.shape[dim], layout.shape[1 - dim])
-                      for (layout, dim), (group, _) in zip(self.pieces, self.slots) if group == g]
-            counts = torch.tensor([n for n, _ in shapes], dtype=torch.float64).repeat_interleave(
-                torch.tensor([k for _, k in shapes])).to(buf.device)
-            full[g] = buf.div(counts).sqrt_().to(torch.float32).clamp_min_(RMS_FLOOR)
+            shapes = tuple((layout.shape[dim], layout.shape[1 - dim])
+                           for (layout, dim), (group, _) in zip(self.pieces, self.slots) if group == g)
+            full[g] = buf.div(_entry_counts(shapes, buf.device)).sqrt_().to(torch.float32).clamp_min_(RMS_FLOOR)
         return [full[group][start : start + layout.shape[1 - dim]]
                 for (layout, dim), (group, start) in zip(self.pieces, self.slots)]
+
+
+@functools.lru_cache(maxsize=256)
+def _entry_counts(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """For pieces of `(size along dim, entries)`, each entry's count, as an fp64 tensor on
+    `device`: built once per layout, since a host-to-device copy makes the host wait for
+    the device (on a GPU, every step would stall its launch queue)."""
+    counts = torch.tensor([n for n, _ in shapes], dtype=torch.float64)
+    return counts.repeat_interleave(torch.tensor([k for _, k in shapes])).to(device)
 
 
 def batched_rms(
