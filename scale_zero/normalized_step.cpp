@@ -18,6 +18,9 @@
 //   the batched buffer (`sumsq`); the caller all_reduces the buffer; phase two takes each
 //   entry's RMS from the reduced sums and applies decay and the update.
 //
+// A row whose direction is all zeros, with no decay, is left untouched (its update is
+// zero): the rows of an embedding's gradient for tokens a batch lacks cost one read.
+//
 // Sums of squares are fp64, from the exact fp64 products of fp32 values: an fp32 value
 // squared is at most ~1.2e77 and at least ~2e-90, so neither a row of 1e25 nor one of
 // subnormals overflows or underflows (the torch path does the same, scale_zero/shard_layout.py).
@@ -98,11 +101,29 @@ inline void update_row(float* p, const float* s, int64_t cols, float d, float lr
   for (int64_t c = 0; c < cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms);
 }
 
+// Whether a row of the direction is all zeros. Such a row's update is zero, so without
+// decay its parameters are neither read nor written: an embedding's gradient is zero on
+// the row of every token the batch does not hold.
+inline bool is_zero(const float* s, int64_t cols) {
+  constexpr int64_t kRun = 64;  // checked a vector run at a time, stopping at the first nonzero
+  for (int64_t c0 = 0; c0 < cols; c0 += kRun) {
+    const int64_t c1 = std::min(cols, c0 + kRun);
+    int nonzero = 0;
+#pragma omp simd reduction(| : nonzero)
+    for (int64_t c = c0; c < c1; ++c) nonzero |= s[c] != 0.0f;
+    if (nonzero) return false;
+  }
+  return true;
+}
+
 // dim 1, whole rows [r0, r1): sum, RMS and update per row while the row is in cache.
 void step_rows(const Job& j, int64_t r0, int64_t r1) {
+  const float d = decay(j);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = source_row(j, r);
-    update_row(j.param + r * j.cols, s, j.cols, decay(j), float(j.lr), rms_of(row_sumsq(s, j.cols), j.count));
+    const double sumsq = row_sumsq(s, j.cols);
+    if (sumsq == 0.0 && d == 1.0f) continue;  // a zero row, no decay: nothing changes
+    update_row(j.param + r * j.cols, s, j.cols, d, float(j.lr), rms_of(sumsq, j.count));
   }
 }
 
@@ -136,9 +157,10 @@ void apply_rms(const Job& j, int64_t r0, int64_t r1, const float* rms) {
     const float* s = direction(j) + r * j.cols;
     float* p = j.param + r * j.cols;
     if (j.dim == 1) {
-      update_row(p, s, j.cols, d, lr, rms_of(j.sumsq[r], j.count));
+      if (j.sumsq[r] != 0.0 || d != 1.0f) update_row(p, s, j.cols, d, lr, rms_of(j.sumsq[r], j.count));
       continue;
     }
+    if (d == 1.0f && is_zero(s, j.cols)) continue;
 #pragma omp simd
     for (int64_t c = 0; c < j.cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms[c]);
   }
