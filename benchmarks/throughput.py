@@ -33,12 +33,14 @@ import deepspeed
 import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import scale_zero
 from scale_zero import SCALE, scale_param_groups
 from scale_zero.scale import NORM_DIMS
 from scale_zero.shard_layout import ShardLayout, matrix_shape
+from scale_zero_train.engines import release_cpu_allreduce_buffer
 
 ROOT = Path(__file__).resolve().parent.parent
 # LLaMA-7B (spec section 5), for the communication projection.
@@ -442,6 +444,8 @@ def main() -> None:
     args = arg_parser().parse_args()
     started = time.perf_counter()
     deepspeed.init_distributed()
+    if get_accelerator().device_name() == "cpu":
+        release_cpu_allreduce_buffer()
     torch.set_num_threads(args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
     load_start = os.getloadavg()[0]

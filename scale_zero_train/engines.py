@@ -64,12 +64,27 @@ def init_distributed(backend: str) -> torch.device:
 
         deepspeed.init_distributed()
         device = torch.device(get_accelerator().device_name(local_rank))
+        if device.type == "cpu":
+            release_cpu_allreduce_buffer()
     else:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def release_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU accelerator gives each rank of a one-machine job a shared-memory
+    all-reduce buffer (about 70 MB in /dev/shm, named after the user, MASTER_ADDR,
+    MASTER_PORT and the rank by its csrc/cpu/comm/shm.cpp) and never removes it, so every
+    CPU run would leave its ranks' buffers in memory until the machine restarts. Every rank
+    maps every buffer inside `deepspeed.init_distributed()`; once all have (the barrier), the
+    names can go, the mappings stay until each process ends. Every rank calls this."""
+    dist.barrier()
+    name = "_".join(("deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())))
+    (Path("/dev/shm") / name).unlink(missing_ok=True)  # absent: ranks on several machines use no buffer
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:

@@ -49,8 +49,13 @@ def train(backend: str, args: list[str], tmp: Path, env: dict | None = None, ran
         **os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(REPO), **(env or {}),
     }
-    return subprocess.run(cmd + args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    result = subprocess.run(cmd + args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=timeout)
+    # DeepSpeed's CPU accelerator leaves a ~70 MB shared-memory buffer per rank unless the
+    # trainer removes it (engines.release_cpu_allreduce_buffer).
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"shared-memory buffers left behind: {left}"
+    return result
 
 
 def tensors(obj, prefix="") -> dict[str, torch.Tensor]:
