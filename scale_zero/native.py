@@ -139,8 +139,10 @@ class Batch:
         if not self.owners:
             return
         for owner, end in self.grad_ends.items():
-            if not accepts(grads[owner]) or grads[owner].numel() < end:
-                raise ValueError(f"a gradient of {grads[owner].numel()} elements does not hold its blocks ({end})")
+            g = grads[owner]
+            if not accepts(g) or g.numel() < end:
+                raise ValueError(f"the kernel needs a contiguous fp32 CPU gradient of at least {end} elements, "
+                                 f"got a {g.dtype} {g.device.type} tensor of {g.numel()}")
         addresses = [g.data_ptr() for g in grads]
         for job, owner, offset in zip(self.jobs, self.owners, self.grad_offsets):
             job.grad = addresses[owner] + offset

@@ -101,9 +101,7 @@ inline void update_row(float* p, const float* s, int64_t cols, float d, float lr
   for (int64_t c = 0; c < cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms);
 }
 
-// Whether a row of the direction is all zeros. Such a row's update is zero, so without
-// decay its parameters are neither read nor written: an embedding's gradient is zero on
-// the row of every token the batch does not hold.
+// Whether a row of the direction is all zeros (then, with no decay, it is left untouched).
 inline bool is_zero(const float* s, int64_t cols) {
   constexpr int64_t kRun = 64;  // checked a vector run at a time, stopping at the first nonzero
   for (int64_t c0 = 0; c0 < cols; c0 += kRun) {
