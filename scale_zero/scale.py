@@ -554,10 +554,10 @@ class SCALE(Optimizer):
         the fused kernel steps each block holding whole rows (or columns) in its one pass,
         and runs the two phases for the blocks the partition cuts."""
         torch_path = [piece for piece in pieces if not piece.by_kernel]
-        slotted = {id(piece) for piece in pieces if piece.by_kernel and piece.needs_slot()}
+        kernel = [piece for piece in pieces if piece.by_kernel]
         # The kernel's pieces, those that need a slot (its two phases) first.
-        cut = [piece for piece in pieces if id(piece) in slotted]
-        kernel = cut + [piece for piece in pieces if piece.by_kernel and id(piece) not in slotted]
+        cut = [piece for piece in kernel if piece.needs_slot()]
+        kernel = cut + [piece for piece in kernel if not piece.needs_slot()]
         # Slots for the kernel's pieces that need them, then the torch path's.
         # No normalized piece (plain SGD, or nothing): no statistic, no collective.
         normalized = cut + [piece for piece in torch_path if piece.dim is not None]
