@@ -243,12 +243,12 @@ class _Piece:
         return self.dim in self.layout.split_groups or not all(self.layout.holds_entries[self.dim])
 
 
-def _kernel_batch(
-    phase: str, pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
-) -> native.Batch:
+def _kernel_blocks(
+    pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
+) -> tuple[list[native.KernelBlock], list[int]]:
     """The blocks of these pieces whose RMS entries are complete here (`entries_here`,
-    `ShardLayout.holds_entries`), or the others, as a kernel batch whose block i takes the
-    gradient and lr of the piece it is part of; `sums[i]`, piece i's slot of the batched
+    `ShardLayout.holds_entries`), or the others, and for each the index of the piece it is
+    part of (whose gradient and lr it takes); `sums[i]`, piece i's slot of the batched
     buffer (full length), handed to each block as the entries it spans."""
     owners, blocks = [], []
     for i, piece in enumerate(pieces):
@@ -261,7 +261,7 @@ def _kernel_batch(
                 block.r1 - block.r0, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
                 piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
             ))
-    return native.Batch(phase, blocks, owners)
+    return blocks, owners
 
 
 @dataclass
@@ -598,12 +598,12 @@ class SCALE(Optimizer):
             sums = None
             if normalized:
                 sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].flat_param.device)
-            slots = [sums.slot(i) for i in range(len(cut))]
+            cut_blocks = _kernel_blocks(cut, entries_here=False, sums=[sums.slot(i) for i in range(len(cut))])
             plan = _KernelPlan(
                 tuple(p.layout for p in kernel + normalized), sums,
-                _kernel_batch("step", kernel, entries_here=True),
-                _kernel_batch("sums", cut, entries_here=False, sums=slots),
-                _kernel_batch("apply", cut, entries_here=False, sums=slots),
+                native.Batch("step", *_kernel_blocks(kernel, entries_here=True)),
+                native.Batch("sums", *cut_blocks),  # the two phases of the same blocks
+                native.Batch("apply", *cut_blocks),
             )
         elif plan.sums is not None:
             plan.sums.zero_()
