@@ -40,12 +40,14 @@ LLAMA_SIZES = {
     "350m": (1024, 2736, 16, 24),
     "1b": (2048, 5461, 32, 24),
 }
-# Bytes per element one step must read and write, fp32. SCALE reads the normalized source
-# twice (for its RMS, then for the update) and reads and writes the parameter; the output
-# layer also reads and writes its momentum. AdamW reads grad, param, m, v and writes
-# param, m, v.
-BYTES_PER_ELEMENT = {"matrix": 16, "embedding": 16, "output": 24, "vector": 28}
-ADAMW_BYTES_PER_ELEMENT = 28
+# Bytes per fp32 element the fused step reads and writes from memory. Matrix and output
+# rows are summed and updated while the row is in cache (the gradient, or the output's
+# momentum, read once); the embedding's columns need every row before any update, so its
+# gradient is read twice. AdamW reads grad, param, m, v and writes param, m, v. One core's
+# reads are what limit it (a read-only pass runs at about the rate AdamW reads at), so the
+# ratio of reads is the floor of SCALE / AdamW on one thread.
+READ_WRITE_BYTES = {"matrix": (8, 4), "embedding": (12, 4), "output": (12, 8), "vector": (16, 12)}
+ADAMW_READ_WRITE_BYTES = (16, 12)
 COPY_NUMEL = 64 << 20  # 256 MiB, far beyond the caches
 
 
@@ -131,9 +133,10 @@ def bench_size(size: str, repeats: int, warmup: int, lr: float, weight_decay: fl
             times[name].append(time.perf_counter() - start)
             cpu_times[name].append(time.process_time() - start_cpu)
     n = sum(numel.values())
-    scale_bytes = sum(BYTES_PER_ELEMENT[role] * k for role, k in numel.items())
-    step_bytes = {name: scale_bytes if name.startswith("SCALE") else ADAMW_BYTES_PER_ELEMENT * n for name in names}
-    step_bytes["memory copy (256 MiB)"] = 2 * 4 * COPY_NUMEL  # read + write
+    scale_bytes = [sum(READ_WRITE_BYTES[role][i] * k for role, k in numel.items()) for i in (0, 1)]
+    adamw_bytes = [b * n for b in ADAMW_READ_WRITE_BYTES]
+    step_bytes = {name: scale_bytes if name.startswith("SCALE") else adamw_bytes for name in names}
+    step_bytes["memory copy (256 MiB)"] = [4 * COPY_NUMEL, 4 * COPY_NUMEL]
     del methods, groups
     gc.collect()
     return dict(size=size, numel=numel, times=times, cpu_times=cpu_times, bytes=step_bytes)
@@ -165,22 +168,22 @@ def report(results: list[dict], args) -> str:
         f"Each method steps the same fp32 parameters and gradients {args.repeats} times, interleaved "
         f"round-robin after {args.warmup} warm-up steps; times are medians (min in brackets). lr "
         f"{args.lr}, weight decay {args.weight_decay} (the paper's recipe). Bytes: what one step must "
-        "read and write (SCALE: the normalized gradient or momentum read twice, the parameter read and "
-        "written, the output momentum written; AdamW: grad, param, m, v read, param, m, v written). "
-        "GB/s = those bytes / median time; `x floor` = median time / (bytes / copy bandwidth), the "
-        "memory-copy bandwidth measured in the same rounds. CPU ms: `time.process_time()` of the process "
-        "(all its threads). The last two summary columns: per round, SCALE's step / torch fused AdamW's "
-        "step of the same round, median (interquartile range).",
+        "read and write from memory, per element (SCALE's fused step: matrix 8 read / 4 written, output 12 / 8, "
+        "embedding 12 / 4 (its gradient read twice), vector 16 / 12; AdamW: grad, param, m, v read, param, m, v "
+        "written, 16 / 12; the torch path moves more). GB/s = bytes read and written / median time. `reads "
+        "ratio`: SCALE's bytes read / AdamW's, the floor of the time ratio where a core's reads limit it "
+        "(one thread on this machine). CPU ms: `time.process_time()` of the process (all its threads). The "
+        "last two summary columns: per round, SCALE's step / torch fused AdamW's step of the same round, "
+        "median (interquartile range).",
         "",
     ]
     lines = []
-    summary = ["| size | params | SCALE (fused) ms | fastest AdamW | ms | SCALE / fastest AdamW | SCALE x floor "
+    summary = ["| size | params | SCALE (fused) ms | fastest AdamW | ms | SCALE / fastest AdamW | reads ratio "
                "| SCALE / torch fused AdamW, per round: wall | CPU time |",
                "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         med = {k: statistics.median(v) for k, v in r["times"].items()}
         low = {k: min(v) for k, v in r["times"].items()}
-        copy_bw = r["bytes"]["memory copy (256 MiB)"] / med["memory copy (256 MiB)"]
         adamws = [k for k in med if "Adam" in k]
         fastest = min(adamws, key=med.get)
         n = sum(r["numel"].values())
@@ -188,22 +191,22 @@ def report(results: list[dict], args) -> str:
             f"## LLaMA {r['size']}: {n / 1e6:.1f}M parameters "
             + ", ".join(f"{role} {k / 1e6:.1f}M" for role, k in r["numel"].items()),
             "",
-            "| method | step ms | CPU ms | vs fastest AdamW | bytes moved (MB) | GB/s | x floor |",
-            "|---|---|---|---|---|---|---|",
+            "| method | step ms | CPU ms | vs fastest AdamW | MB read / written | GB/s |",
+            "|---|---|---|---|---|---|",
         ]
         for name in med:
-            floor = r["bytes"][name] / copy_bw
             cpu_ms = statistics.median(r["cpu_times"][name]) * 1e3
+            read, written = r["bytes"][name]
             lines.append(
                 f"| {name} | {med[name] * 1e3:.1f} ({low[name] * 1e3:.1f}) | {cpu_ms:.1f} | "
-                f"{med[name] / med[fastest]:.2f} | "
-                f"{r['bytes'][name] / 1e6:.0f} | {r['bytes'][name] / med[name] / 1e9:.1f} | {med[name] / floor:.2f} |"
+                f"{med[name] / med[fastest]:.2f} | {read / 1e6:.0f} / {written / 1e6:.0f} | "
+                f"{(read + written) / med[name] / 1e9:.1f} |"
             )
         lines.append("")
         scale = med["SCALE (fused kernel)"]
         summary.append(
             f"| {r['size']} | {n / 1e6:.1f}M | {scale * 1e3:.1f} | {fastest} | {med[fastest] * 1e3:.1f} | "
-            f"{scale / med[fastest]:.2f} | {scale / (r['bytes']['SCALE (fused kernel)'] / copy_bw):.2f} | "
+            f"{scale / med[fastest]:.2f} | {r['bytes']['SCALE (fused kernel)'][0] / r['bytes'][fastest][0]:.2f} | "
             + " | ".join(describe(round_ratios(r, clock)) for clock in ("times", "cpu_times"))
             + " |"
         )
