@@ -7,10 +7,11 @@ phase, built once per plan (`SCALE._kernel_plan`) and run at every step:
 - "sums" then "apply": the two phases of the blocks the partition cuts, around the
   all_reduce of the batched buffer (`shard_layout.PartialSums`).
 
-A backend (docs/benchmarks.md, "How SCALE's step is made fast"): `scale_zero.native`, the
-C++ kernel, on CPU tensors. It has `available()`, `accepts(*tensors)` and
-`Batch(phase, blocks, owners)` with `.run(grads, lrs)`; `backend_for` picks it, and
-tensors it does not take go the torch path.
+Two backends compute the same thing (docs/benchmarks.md, "How SCALE's step is made fast"):
+`scale_zero.native`, the C++ kernel, on CPU tensors, and `scale_zero.triton_step`, a Triton
+kernel, on CUDA tensors. Each module has `available()`, `accepts(*tensors)` and
+`Batch(phase, blocks, owners)` with `.run(grads, lrs)`; `backend_for` picks one, and
+tensors that neither takes go the torch path.
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ def check_gradients(grads: Sequence[torch.Tensor], lengths: dict[int, int],
 
 def backend_for(*tensors: torch.Tensor | None) -> ModuleType | None:
     """The module whose kernel steps blocks of these tensors, None for the torch path: the
-    C++ kernel for contiguous fp32 CPU tensors."""
-    from scale_zero import native  # here: it imports KernelBlock from this module
+    C++ kernel for contiguous fp32 CPU tensors, Triton for contiguous fp32 CUDA tensors, and
+    for CPU tensors under Triton's interpreter (TRITON_INTERPRET=1) when the C++ kernel is
+    off (SCALE_ZERO_NATIVE=0): how the Triton path is tested without a GPU."""
+    from scale_zero import native, triton_step  # here: both import KernelBlock from this module
 
-    for backend in (native,):
+    for backend in (native, triton_step):
         if backend.accepts(*tensors) and backend.available():
             return backend
     return None
