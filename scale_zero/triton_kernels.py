@@ -18,15 +18,17 @@ import triton
 import triton.language as tl
 
 from scale_zero.shard_layout import RMS_FLOOR
-from scale_zero.triton_step import JOB_FIELDS
+from scale_zero.triton_step import JOB_FIELDS, OWNER_FIELDS, TASK_FIELDS
 
-# Globals a kernel reads must be constexpr: where each field sits in a row of the job table.
+# Globals a kernel reads must be constexpr: the tables' widths, and where each field sits in
+# a row of the job table (a task's row is job, first row, last row; an owner's, grad and lr).
 _FIELDS = tl.constexpr(len(JOB_FIELDS))
+_TASK_FIELDS = tl.constexpr(len(TASK_FIELDS))
+_OWNER_FIELDS = tl.constexpr(len(OWNER_FIELDS))
 _PARAM, _MOMENTUM, _SUMSQ, _GRAD_OFFSET, _OWNER, _COLS, _DIM, _COUNT, _WEIGHT_DECAY, _BETA = (
     tl.constexpr(JOB_FIELDS.index(name))
     for name in ("param", "momentum", "sumsq", "grad_offset", "owner", "cols", "dim", "count", "weight_decay", "beta")
 )
-_TASK_FIELDS = tl.constexpr(3)  # job, first row, last row
 _RMS_FLOOR = tl.constexpr(RMS_FLOOR)
 
 
@@ -48,7 +50,7 @@ def _task(jobs, tasks, owners):
     fp32 decay, lr and lerp weight, each rounded from fp64 as the C++ kernel does."""
     task = tasks + tl.program_id(0) * _TASK_FIELDS
     job = jobs + tl.load(task) * _FIELDS
-    owner = owners + 2 * tl.load(job + _OWNER)
+    owner = owners + _OWNER_FIELDS * tl.load(job + _OWNER)
     grad = tl.load(owner) + tl.load(job + _GRAD_OFFSET)
     lr = tl.load(owner + 1).to(tl.float64, bitcast=True)
     momentum = tl.load(job + _MOMENTUM)

@@ -5,7 +5,7 @@ and ONE launch per phase over every block of a batch, whatever the number of par
 How a launch finds its blocks. When a `Batch` is built (once per plan), two device tables:
 per block (a job) its parameter, momentum and sums-of-squares addresses, gradient offset,
 owner, cols, dim, count, weight decay and beta; and the tasks, `(job, first row, last
-row)` of at most `TASK_ELEMENTS` elements each, one program per task. At each run only a
+row)` of whole rows, about `TASK_ELEMENTS` elements each, one program per task. At each run only a
 small table is written: each owner's gradient address (ZeRO-3 hands a new gradient tensor
 every step) and lr, copied from pinned host memory without waiting (torch's pinned-memory
 allocator keeps that host buffer until the copy has run), so the host never waits for the
@@ -17,7 +17,8 @@ What a phase launches:
   momentum `lerp`, the row's sum of squares, then the update re-reading the row. Blocks
   with whole columns (dim 0, the embedding) need every row before any update: the same
   launch adds their column sums into a scratch buffer the batch owns (zeroed per run), and
-  a second launch applies them. One launch, or a memset and two with dim-0 blocks;
+  a second launch applies them. One launch; with dim-0 blocks, a fill of the scratch buffer
+  and two;
 - "sums": momentum and partial sums added into the blocks' slots of the batched buffer:
   a plain add per row (one program owns a row), `atomic_add` per column (several programs
   add into one column);
@@ -58,6 +59,9 @@ from scale_zero.kernel import KernelBlock, check_gradients, gradient_lengths
 
 # A job's fields, in the order of a row of the job table (int64; the fp64 settings as bits).
 JOB_FIELDS = ("param", "momentum", "sumsq", "grad_offset", "owner", "cols", "dim", "count", "weight_decay", "beta")
+# A task's row (rows [first, last) of one job), and an owner's row, written at every run.
+TASK_FIELDS = ("job", "first_row", "last_row")
+OWNER_FIELDS = ("grad", "lr")
 # A task: rows [first, last) of one job, about this many elements (whole rows, at least one).
 TASK_ELEMENTS = 1 << 16
 _FP32_BYTES, _FP64_BYTES = 4, 8
@@ -147,7 +151,7 @@ class Batch:
             )
             jobs.append([fields[name] for name in JOB_FIELDS])
         self.jobs = self._table(jobs, len(JOB_FIELDS))
-        self.owner_table = self._table([(0, 0)] * len(self.owner_ids), 2)
+        self.owner_table = self._table([(0, 0)] * len(self.owner_ids), len(OWNER_FIELDS))
         # Column tile: the widest block's row as a power of two, within what a program holds well.
         widest = max((b.cols for b in blocks), default=1)
         self.block_cols = min(1024, max(16, 1 << (widest - 1).bit_length()))
@@ -159,7 +163,7 @@ class Batch:
             launches = [(self.kernels.first_pass, tasks, dict(UPDATE_ROWS=phase == "step"))]
         if columns:  # then the dim-0 blocks' update, once their column sums are complete
             launches.append((self.kernels.apply_rms, [t for t in tasks if blocks[t[0]].dim == 0], {}))
-        self.launches = [(kernel, self._table(t, 3), options) for kernel, t, options in launches if t]
+        self.launches = [(kernel, self._table(t, len(TASK_FIELDS)), options) for kernel, t, options in launches if t]
 
     def _table(self, rows: list, width: int) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.int64).view(-1, width).to(self.device)
