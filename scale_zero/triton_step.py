@@ -24,10 +24,11 @@ What a phase launches:
   add into one column);
 - "apply": the RMS from the reduced sums, decay and the update.
 
-The arithmetic is the C++ kernel's: torch.lerp's formula for the momentum; sums of squares
-in fp64 from the exact fp64 products of fp32 values (rows of 1e25 and of subnormals are
-safe); `rms = max(float32(sqrt(sum / count)), 1e-8)`; `p = (1 - lr*wd) * p - lr * s / rms`
-with an IEEE division; a zero direction element with no decay leaves its parameter unread
+The arithmetic is the C++ kernel's and the torch path's: torch.lerp's formula for the
+momentum; sums of squares in fp64 from the exact fp64 products of fp32 values (rows of 1e25
+and of subnormals are safe); `rms = max(float32(sqrt(sum / count)), 1e-8)`;
+`p = (1 - lr*wd) * p - lr * (s / rms)`, an IEEE division per element as the torch path's
+addcdiv rounds it; a zero direction element with no decay leaves its parameter unread
 and unwritten (the rows of tokens a batch lacks cost one read of their gradient).
 
 Deterministic: every row statistic (dim 1), summed by one program in a fixed order, and so
