@@ -31,7 +31,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from scale_zero import SCALE, native, scale_param_groups  # noqa: E402
+from scale_zero import SCALE, native, scale_param_groups, triton_step  # noqa: E402
 
 # Spec section 5: hidden, ffn, heads, layers (vocab 32000, untied, max position 1024).
 LLAMA_SIZES = {
@@ -39,6 +39,7 @@ LLAMA_SIZES = {
     "130m": (768, 2048, 12, 12),
     "350m": (1024, 2736, 16, 24),
     "1b": (2048, 5461, 32, 24),
+    "7b": (4096, 11008, 32, 32),
 }
 # Bytes per fp32 element the fused step reads and writes from memory. Matrix and output
 # rows are summed and updated while the row is in cache (the gradient, or the output's
@@ -51,8 +52,9 @@ ADAMW_READ_WRITE_BYTES = (16, 12)
 COPY_NUMEL = 64 << 20  # 256 MiB, far beyond the caches
 
 
-def llama_groups(size: str) -> list[dict]:
-    """SCALE's param groups of a LLaMA model of this size, as real fp32 tensors with gradients."""
+def llama_groups(size: str, device: str | torch.device = "cpu") -> list[dict]:
+    """SCALE's param groups of a LLaMA model of this size, as real fp32 tensors with gradients
+    on `device`."""
     hidden, ffn, heads, layers = LLAMA_SIZES[size]
     config = LlamaConfig(
         vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
@@ -65,8 +67,8 @@ def llama_groups(size: str) -> list[dict]:
     for group in scale_param_groups(model):
         params = []
         for meta in group["params"]:
-            p = torch.empty(meta.shape).normal_(0, 0.02).requires_grad_()
-            p.grad = torch.randn(meta.shape)
+            p = torch.empty(meta.shape, device=device).normal_(0, 0.02).requires_grad_()
+            p.grad = torch.randn(meta.shape, device=device)
             params.append(p)
         groups.append({**group, "params": params})
     return groups
@@ -74,13 +76,15 @@ def llama_groups(size: str) -> list[dict]:
 
 @contextlib.contextmanager
 def torch_path():
-    """SCALE without the fused kernel: its fallback, the per-tensor torch ops."""
-    available = native.available
-    native.available = lambda: False
+    """SCALE without its fused kernels (C++ and Triton): its fallback, the per-tensor torch ops."""
+    kernels = {backend: backend.available for backend in (native, triton_step)}
+    for backend in kernels:
+        backend.available = lambda: False
     try:
         yield
     finally:
-        native.available = available
+        for backend, available in kernels.items():
+            backend.available = available
 
 
 def make_methods(groups: list[dict], lr: float, weight_decay: float) -> dict:

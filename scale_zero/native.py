@@ -1,12 +1,7 @@
-"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`), whose blocks
-carry the fields of the C `struct Job` by name, run as a `Batch` of one phase:
-
-- "step": blocks whose RMS is complete on this rank, the whole step in one call;
-- "sums" then "apply": the two phases of blocks the partition cuts, around the all_reduce
-  of the batched buffer (`shard_layout.PartialSums`).
-
-Which pieces take which is decided by `scale_zero.scale`, whose torch path computes the
-same thing.
+"""The fused CPU kernel for SCALE's normalized step (`normalized_step.cpp`): a backend of
+`scale_zero.kernel`, whose blocks carry the fields of the C `struct Job` by name, run as a
+`Batch` of one phase ("step", or "sums" then "apply" around the all_reduce). Which pieces
+take which is decided by `scale_zero.scale`, whose torch path computes the same thing.
 
 The kernel is built on first use with torch's extension builder (about a second: it
 includes no torch headers; cached under ~/.cache/torch_extensions, or
@@ -23,9 +18,11 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
+
+from scale_zero.kernel import KernelBlock, check_gradients, gradient_lengths
 
 _SOURCE = Path(__file__).with_name("normalized_step.cpp")
 # Vector instructions for the CPU torch itself dispatches to. The build is named after
@@ -55,29 +52,6 @@ class _Job(ctypes.Structure):
         ("count", ctypes.c_int64),
         ("sumsq", ctypes.c_void_p),
     ]
-
-
-class KernelBlock(NamedTuple):
-    """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 CPU flats
-    (for the "step" phase, one whose RMS over `dim` is complete on this rank). The other
-    fields are `_Job`'s and mean what the C side reads: `momentum` None for a role without
-    momentum; `lr`, `weight_decay` and `beta` the param group's values as they are; `count`
-    the full parameter's size along `dim` (what each mean is over). For the two phases,
-    `sumsq` is the block's entries of the per-row (dim 1) or per-column (dim 0) fp64 sums of
-    squares: phase one adds to them, phase two takes the RMS from them once reduced."""
-
-    param: torch.Tensor
-    grad: torch.Tensor
-    momentum: torch.Tensor | None
-    offset: int
-    rows: int
-    cols: int
-    dim: int
-    lr: float
-    weight_decay: float
-    beta: float
-    count: int
-    sumsq: torch.Tensor | None = None
 
 
 @functools.cache
@@ -131,18 +105,12 @@ class Batch:
         self.jobs = (_Job * len(blocks))(*map(functools.partial(_job, phase), blocks))
         self.owners = tuple(owners)
         self.grad_offsets = tuple(_FP32_BYTES * b.offset for b in blocks)
-        self.grad_ends: dict[int, int] = {}  # per owner, how many elements its gradient must hold
-        for owner, b in zip(self.owners, blocks, strict=True):
-            self.grad_ends[owner] = max(self.grad_ends.get(owner, 0), b.offset + b.rows * b.cols)
+        self.grad_lengths = gradient_lengths(blocks, owners)
 
     def run(self, grads: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
         if not self.owners:
             return
-        for owner, end in self.grad_ends.items():
-            g = grads[owner]
-            if not accepts(g) or g.numel() < end:
-                raise ValueError(f"the kernel needs a contiguous fp32 CPU gradient of at least {end} elements, "
-                                 f"got a {g.dtype} {g.device.type} tensor of {g.numel()}")
+        check_gradients(grads, self.grad_lengths, accepts, "contiguous fp32 CPU")
         addresses = [g.data_ptr() for g in grads]
         for job, owner, offset in zip(self.jobs, self.owners, self.grad_offsets):
             job.grad = addresses[owner] + offset
@@ -151,16 +119,8 @@ class Batch:
 
 
 def _job(phase: str, b: KernelBlock) -> _Job:
-    # The C side trusts these pointers: every block must lie inside its tensors.
-    end = b.offset + b.rows * b.cols
-    if end > b.param.numel() or end > b.grad.numel() or (b.momentum is not None and end > b.momentum.numel()):
-        raise ValueError(f"a {b.rows}x{b.cols} block at {b.offset} is outside its flat tensors")
-    sumsq = None
-    if phase != "step":
-        entries = b.rows if b.dim == 1 else b.cols
-        if b.sumsq is None or b.sumsq.dtype != torch.float64 or not b.sumsq.is_contiguous() or b.sumsq.numel() != entries:
-            raise ValueError(f"phase {phase!r} needs {entries} contiguous fp64 sums of squares")
-        sumsq = b.sumsq.data_ptr()
+    b.check(phase)  # the C side trusts these pointers
+    sumsq = None if phase == "step" else b.sumsq.data_ptr()
     start = _FP32_BYTES * b.offset
     return _Job(
         b.param.data_ptr() + start, b.grad.data_ptr() + start,

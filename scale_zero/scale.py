@@ -15,9 +15,9 @@ A rank may hold only part of a parameter (FSDP2, ZeRO): every tensor the step se
 list of pieces, each a `ShardLayout` at an offset of the tensor's flat values, and
 `shard_layout.PartialSums` turns local partial sums into the full-parameter RMS with one
 all_reduce per process group (docs/algorithm.md, "Partial sums"). The step runs in two
-phases around that all_reduce: momentum and partial sums, then decay and the update; on
-CPU the fused kernel (`scale_zero.native`) runs both phases, and pieces whose RMS is local
-take its one-pass step.
+phases around that all_reduce: momentum and partial sums, then decay and the update; a
+fused kernel (`scale_zero.kernel`: C++ on CPU, Triton on GPUs) runs both phases, and pieces
+whose RMS is local take its one-pass step.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from scale_zero import native
 from scale_zero.dtensor import dtensor_layout, dtensor_offset, local_tensor
+from scale_zero.kernel import KernelBlock, backend_for
 from scale_zero.param_groups import module_roles, normalized_shape, param_shape, role_from_name
 from scale_zero.rounding import block_index, round_into_, stream_key
 from scale_zero.shard_layout import Block, CommStats, PartialSums, ShardLayout, batched_rms
@@ -200,7 +201,7 @@ class _Piece:
     """What one rank holds of one normalized parameter: `layout`'s values, stored from
     `offset` of its unit's flats `flat_param`, `flat_grad` and `flat_momentum` (None: the
     role keeps no momentum, the direction is the gradient), with its group's
-    hyperparameters. The kernel reads the flats at the offset; the torch path takes views."""
+    hyperparameters. A kernel reads the flats at the offset; the torch path takes views."""
 
     layout: ShardLayout
     offset: int
@@ -212,7 +213,7 @@ class _Piece:
     weight_decay: float
     beta: float
     in_fp32: bool  # parameter, gradient and momentum all stored in fp32
-    by_kernel: bool  # stepped by the fused CPU kernel (both phases, or the one-pass step)
+    backend: ModuleType | None  # the kernel that steps it (both phases, or the one-pass step); None: the torch path
     rounding: Rounding | None = None  # how bf16 writes round (low-precision pieces only)
 
     def _view(self, flat: torch.Tensor) -> torch.Tensor:
@@ -245,7 +246,7 @@ class _Piece:
 
 def _kernel_blocks(
     pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
-) -> tuple[list[native.KernelBlock], list[int]]:
+) -> tuple[list[KernelBlock], list[int]]:
     """The blocks of these pieces whose RMS entries are complete here (`entries_here`,
     `ShardLayout.holds_entries`), or the others, and for each the index of the piece it is
     part of (whose gradient and lr it takes); `sums[i]`, piece i's slot of the batched
@@ -256,7 +257,7 @@ def _kernel_blocks(
             if complete != entries_here:
                 continue
             owners.append(i)
-            blocks.append(native.KernelBlock(
+            blocks.append(KernelBlock(
                 piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
                 block.r1 - block.r0, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
                 piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
@@ -264,27 +265,40 @@ def _kernel_blocks(
     return blocks, owners
 
 
+def _batches(phase: str, pieces: Sequence[_Piece], blocks: list[KernelBlock], owners: list[int]) -> list:
+    """`phase` of these blocks (`owners` indexing `pieces`) as one Batch per kernel backend
+    of their pieces: usually one."""
+    per_backend: dict[ModuleType, tuple[list[KernelBlock], list[int]]] = {}
+    for block, owner in zip(blocks, owners, strict=True):
+        backend_blocks, backend_owners = per_backend.setdefault(pieces[owner].backend, ([], []))
+        backend_blocks.append(block)
+        backend_owners.append(owner)
+    return [backend.Batch(phase, *blocks_and_owners) for backend, blocks_and_owners in per_backend.items()]
+
+
 @dataclass
 class _KernelPlan:
-    """The kernel's part of one call's step, its three phases and the batched buffer, kept
-    while the call steps the same pieces (`SCALE._kernel_plan`): a step writes in only its
-    gradients and lr. `layouts` holds the layouts whose ids the plan's key names."""
+    """The kernels' part of one call's step, its three phases (each a list of batches, one
+    per backend) and the batched buffer, kept while the call steps the same pieces
+    (`SCALE._kernel_plan`): a step writes in only its gradients and lr. `layouts` holds the
+    layouts whose ids the plan's key names."""
 
     layouts: tuple[ShardLayout, ...]
     sums: PartialSums | None
-    step: native.Batch
-    partial_sums: native.Batch
-    apply: native.Batch
+    step: list
+    partial_sums: list
+    apply: list
 
 
 def _plan_key(kernel: Sequence[_Piece], normalized: Sequence[_Piece]) -> tuple:
     """What a `_KernelPlan` is built from, besides the gradients and lr: each kernel piece's
-    layout, place, settings and storage, and the layout of each piece with a slot."""
+    layout, place, settings, backend and storage, and the layout of each piece with a slot."""
     def storage(t: torch.Tensor | None):
         return None if t is None else (t.data_ptr(), t.numel())
 
     return (
-        tuple((id(p.layout), p.offset, p.dim, p.weight_decay, p.beta, storage(p.flat_param), storage(p.flat_momentum))
+        tuple((id(p.layout), p.offset, p.dim, p.weight_decay, p.beta, p.backend, storage(p.flat_param),
+               storage(p.flat_momentum))
               for p in kernel),
         tuple((id(p.layout), p.dim, p.flat_param.device) for p in normalized),
     )
@@ -550,11 +564,11 @@ class SCALE(Optimizer):
 
     def _normalized_step(self, pieces: list[_Piece]) -> None:
         """Every normalized piece, in two phases around ONE all_reduce per process group:
-        momentum and this rank's partial sums of squares, then decay and the update. On CPU
-        the fused kernel steps each block holding whole rows (or columns) in its one pass,
-        and runs the two phases for the blocks the partition cuts."""
-        torch_path = [piece for piece in pieces if not piece.by_kernel]
-        kernel = [piece for piece in pieces if piece.by_kernel]
+        momentum and this rank's partial sums of squares, then decay and the update. A fused
+        kernel steps each block of its pieces holding whole rows (or columns) in its one
+        pass, and runs the two phases for the blocks the partition cuts."""
+        torch_path = [piece for piece in pieces if piece.backend is None]
+        kernel = [piece for piece in pieces if piece.backend is not None]
         # The kernel's pieces, those that need a slot (its two phases) first.
         cut = [piece for piece in kernel if piece.needs_slot()]
         kernel = cut + [piece for piece in kernel if not piece.needs_slot()]
@@ -563,11 +577,13 @@ class SCALE(Optimizer):
         normalized = cut + [piece for piece in torch_path if piece.dim is not None]
         plan = self._kernel_plan(kernel, cut, normalized)
         grads, lrs = [p.flat_grad for p in kernel], [p.lr for p in kernel]
-        plan.step.run(grads, lrs)
+        for batch in plan.step:
+            batch.run(grads, lrs)
         sums = plan.sums
 
         # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
-        plan.partial_sums.run(grads[: len(cut)], lrs[: len(cut)])
+        for batch in plan.partial_sums:
+            batch.run(grads[: len(cut)], lrs[: len(cut)])
         for beta in {p.beta for p in torch_path if p.flat_momentum is not None}:
             with_momentum = [p for p in torch_path if p.flat_momentum is not None and p.beta == beta]
             momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
@@ -577,7 +593,8 @@ class SCALE(Optimizer):
         if sums is not None:
             sums.all_reduce(self.comm_stats)
         # Phase 2: decay and the normalized update (the kernel takes the RMS from the sums).
-        plan.apply.run(grads[: len(cut)], lrs[: len(cut)])
+        for batch in plan.apply:
+            batch.run(grads[: len(cut)], lrs[: len(cut)])
         torch_rms = iter(sums.rms()[len(cut) :] if len(normalized) > len(cut) else [])
         for piece in torch_path:
             normalized_update_(
@@ -601,9 +618,9 @@ class SCALE(Optimizer):
             cut_blocks = _kernel_blocks(cut, entries_here=False, sums=[sums.slot(i) for i in range(len(cut))])
             plan = _KernelPlan(
                 tuple(p.layout for p in kernel + normalized), sums,
-                native.Batch("step", *_kernel_blocks(kernel, entries_here=True)),
-                native.Batch("sums", *cut_blocks),  # the two phases of the same blocks
-                native.Batch("apply", *cut_blocks),
+                _batches("step", kernel, *_kernel_blocks(kernel, entries_here=True)),
+                _batches("sums", cut, *cut_blocks),  # the two phases of the same blocks
+                _batches("apply", cut, *cut_blocks),
             )
         elif plan.sums is not None:
             plan.sums.zero_()
@@ -693,11 +710,11 @@ class SCALE(Optimizer):
             momentum = self._state(unit, "momentum_buffer") if role in group["momentum_roles"] else None
             # Decided per unit: its pieces share its flats.
             in_fp32 = stored_in_fp32(unit.param, unit.grad, momentum)
-            by_kernel = dim is not None and native.accepts(unit.param, unit.grad, momentum) and native.available()
+            backend = None if dim is None else backend_for(unit.param, unit.grad, momentum)
             bf16_writes = self.stochastic_rounding and not stored_in_fp32(unit.param, momentum)
             rounding = self._rounding(self.state[unit.key]["step"]) if bf16_writes else None
             pieces += [
-                _Piece(layout, offset, unit.param, unit.grad, momentum, dim, lr, weight_decay, beta, in_fp32, by_kernel,
+                _Piece(layout, offset, unit.param, unit.grad, momentum, dim, lr, weight_decay, beta, in_fp32, backend,
                        rounding)
                 for offset, layout in unit.pieces
             ]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from scale_zero import SCALE, ShardLayout, native
+from tests.support.kernel_cases import expected_step, gradients
 from tests.support.reference import ReferenceSCALE
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch path is the only path")
@@ -141,27 +142,6 @@ def test_fused_step_is_deterministic(monkeypatch):
 # (shape, [start, end) of its row-major flattening) per piece of one flat: whole rows, a
 # range cutting the first and last row, one inside a single row, and the whole parameter.
 CUT_PIECES = [((13, 48), 0, 13 * 48), ((13, 48), 30, 400), ((9, 33), 40, 60), ((6, 130), 0, 6 * 130)]
-
-
-def gradients(kind: str, shape, gen) -> torch.Tensor:
-    g = torch.randn(shape, generator=gen)
-    if kind == "extreme":
-        g[0] *= 1e25  # its fp32 sum of squares would overflow
-        g[1] = 0  # zero row: a zero update
-        g[2] *= 1e-40  # subnormals
-        g[3:, 3] *= 1e25  # a column of 1e25 (the embedding's statistic)
-    return g
-
-
-def expected_step(p, g, start, end, shape, dim, momentum, lr, weight_decay, beta):
-    """One step from zero momentum, in fp64, of the range [start, end) alone (no group)."""
-    rows, cols = shape
-    s = g.double() * (1 - beta) if momentum else g.double()
-    full = torch.zeros(rows * cols, dtype=torch.float64)
-    full[start:end] = s
-    rms = full.view(rows, cols).square().mean(dim).sqrt().clamp_min(1e-8).float().double()
-    per_element = rms.unsqueeze(dim).expand(rows, cols).reshape(-1)[start:end]
-    return (p.double() * (1 - lr * weight_decay) - lr * s / per_element).float()
 
 
 @pytest.mark.parametrize("kind", ["ordinary", "extreme"])
