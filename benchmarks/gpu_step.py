@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.optimizer_step import (
-    ADAMW_BYTES_PER_ELEMENT, BYTES_PER_ELEMENT, LLAMA_SIZES, describe, llama_groups, torch_path,
+    ADAMW_READ_WRITE_BYTES, LLAMA_SIZES, READ_WRITE_BYTES, describe, llama_groups, torch_path,
 )
 from scale_zero import SCALE, kernel, triton_step
 
@@ -91,8 +91,8 @@ def bench_size(size: str, repeats: int, warmup: int, lr: float, weight_decay: fl
         for name, (start, end) in events.items():
             times[name].append(start.elapsed_time(end) / 1e3)
     n = sum(numel.values())
-    scale_bytes = sum(BYTES_PER_ELEMENT[role] * k for role, k in numel.items())
-    step_bytes = {TRITON: scale_bytes, TORCH_PATH: scale_bytes, ADAMW: ADAMW_BYTES_PER_ELEMENT * n}
+    scale_bytes = sum(sum(READ_WRITE_BYTES[role]) * k for role, k in numel.items())
+    step_bytes = {TRITON: scale_bytes, TORCH_PATH: scale_bytes, ADAMW: sum(ADAMW_READ_WRITE_BYTES) * n}
     del methods, groups
     gc.collect()
     torch.cuda.empty_cache()
@@ -115,9 +115,9 @@ def report(results: list[dict], args) -> str:
         f"Each method steps the same fp32 parameters and gradients {args.repeats} times, interleaved round-robin "
         f"after {args.warmup} warm-up steps; lr {args.lr}, weight decay {args.weight_decay}. Device ms: "
         "`torch.cuda.Event`s around the step, median (min); host ms: until `step()` returns. Kernels and "
-        "copies: what one step runs on the GPU (torch.profiler). GB/s: the bytes a step must move (SCALE: the "
-        "normalized gradient or momentum read twice, the parameter read and written, the output momentum "
-        "read and written; AdamW: grad, param, m, v read, param, m, v written) / median device time. Ratios: "
+        "copies: what one step runs on the GPU (torch.profiler). GB/s: the bytes a step must move from memory "
+        "(SCALE: per element matrix 12, output 20, embedding 16, the row re-read from cache where it is "
+        "whole; AdamW: 28) / median device time. Ratios: "
         "per round, of two methods' steps in that round, median (interquartile range).",
         "",
         "| size | params | SCALE Triton / AdamW | SCALE torch path / AdamW | Triton / torch path |",
