@@ -29,7 +29,10 @@ class KernelBlock(NamedTuple):
     group's values as they are; `count` the full parameter's size along `dim` (what each mean
     is over). For the two phases, `sumsq` is the block's entries of the per-row (dim 1) or
     per-column (dim 0) fp64 sums of squares: phase one adds to them, phase two takes the RMS
-    from them once reduced."""
+    from them once reduced; for dim 0, `row_nonzero` (uint8, one per row) is where phase one
+    notes which rows of the direction hold a nonzero, so phase two leaves the zero rows (an
+    embedding's rows of tokens the batch lacks) unread when there is no decay (the C++ kernel;
+    the Triton kernel skips zero elements as it updates)."""
 
     param: torch.Tensor
     grad: torch.Tensor
@@ -43,6 +46,7 @@ class KernelBlock(NamedTuple):
     beta: float
     count: int
     sumsq: torch.Tensor | None = None
+    row_nonzero: torch.Tensor | None = None
 
     def check(self, phase: str) -> None:
         """Refuse a block the kernels cannot trust: they read and write raw addresses, so the
@@ -57,6 +61,11 @@ class KernelBlock(NamedTuple):
         if (s is None or s.dtype != torch.float64 or not s.is_contiguous() or s.numel() != entries
                 or s.device != self.param.device):
             raise ValueError(f"phase {phase!r} needs {entries} contiguous fp64 sums of squares on {self.param.device}")
+        flags = self.row_nonzero
+        if self.dim == 0 and (flags is None or flags.dtype != torch.uint8 or not flags.is_contiguous()
+                              or flags.numel() != self.rows or flags.device != self.param.device):
+            raise ValueError(f"phase {phase!r} of a dim-0 block needs {self.rows} contiguous uint8 row flags "
+                             f"on {self.param.device}")
 
 
 def gradient_lengths(blocks: Sequence[KernelBlock], owners: Sequence[int]) -> dict[int, int]:

@@ -51,6 +51,7 @@ class _Job(ctypes.Structure):
         ("beta", ctypes.c_double),
         ("count", ctypes.c_int64),
         ("sumsq", ctypes.c_void_p),
+        ("row_nonzero", ctypes.c_void_p),
     ]
 
 
@@ -121,9 +122,10 @@ class Batch:
 def _job(phase: str, b: KernelBlock) -> _Job:
     b.check(phase)  # the C side trusts these pointers
     sumsq = None if phase == "step" else b.sumsq.data_ptr()
+    row_nonzero = None if phase == "step" or b.dim == 1 else b.row_nonzero.data_ptr()
     start = _FP32_BYTES * b.offset
     return _Job(
         b.param.data_ptr() + start, b.grad.data_ptr() + start,
         None if b.momentum is None else b.momentum.data_ptr() + start,
-        b.rows, b.cols, b.dim, b.lr, b.weight_decay, b.beta, b.count, sumsq,
+        b.rows, b.cols, b.dim, b.lr, b.weight_decay, b.beta, b.count, sumsq, row_nonzero,
     )

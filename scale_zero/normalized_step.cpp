@@ -58,6 +58,8 @@ struct Job {
   double beta;          // momentum coefficient
   int64_t count;        // how many values each entry's mean is over: the full parameter's size along dim
   double* sumsq;        // the two phases: this block's first entry (row or column) in the batched buffer
+  uint8_t* row_nonzero; // dim 0, the two phases: per row, whether its direction holds a nonzero
+                        // (phase one writes it, phase two skips the zero rows without reading them)
 };
 
 }  // extern "C"
@@ -101,19 +103,6 @@ inline void update_row(float* p, const float* s, int64_t cols, float d, float lr
   for (int64_t c = 0; c < cols; ++c) p[c] = d * p[c] - lr * (s[c] / rms);
 }
 
-// Whether a row of the direction is all zeros (then, with no decay, it is left untouched).
-inline bool is_zero(const float* s, int64_t cols) {
-  constexpr int64_t kRun = 16;  // one 512-bit vector at a time (longer runs cost the update pass ~10%), stopping at the first nonzero
-  for (int64_t c0 = 0; c0 < cols; c0 += kRun) {
-    const int64_t c1 = std::min(cols, c0 + kRun);
-    int nonzero = 0;
-#pragma omp simd reduction(| : nonzero)
-    for (int64_t c = c0; c < c1; ++c) nonzero |= s[c] != 0.0f;
-    if (nonzero) return false;
-  }
-  return true;
-}
-
 // dim 1, whole rows [r0, r1): sum, RMS and update per row while the row is in cache.
 void step_rows(const Job& j, int64_t r0, int64_t r1) {
   const float d = decay(j);
@@ -125,10 +114,11 @@ void step_rows(const Job& j, int64_t r0, int64_t r1) {
   }
 }
 
-// dim 0, rows [r0, r1): momentum, and the chunk's column sums of squares.
+// dim 0, rows [r0, r1): momentum, the chunk's column sums of squares, and whether each row
+// holds a nonzero (`row_nonzero[r]`), so the update need not read a zero row again.
 // Rows are taken four at a time from the four quarters of the range: a read-only pass on
 // one core keeps more reads in flight with several memory streams than with one.
-void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq) {
+void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq, uint8_t* row_nonzero) {
   std::fill(sumsq, sumsq + j.cols, 0.0);
   const int64_t quarter = (r1 - r0) / 4;
   for (int64_t r = r0; r < r0 + quarter; ++r) {
@@ -136,20 +126,34 @@ void sum_columns(const Job& j, int64_t r0, int64_t r1, double* sumsq) {
     const float* s1 = source_row(j, r + quarter);
     const float* s2 = source_row(j, r + 2 * quarter);
     const float* s3 = source_row(j, r + 3 * quarter);
-#pragma omp simd
-    for (int64_t c = 0; c < j.cols; ++c)
+    int nz0 = 0, nz1 = 0, nz2 = 0, nz3 = 0;
+#pragma omp simd reduction(| : nz0, nz1, nz2, nz3)
+    for (int64_t c = 0; c < j.cols; ++c) {
       sumsq[c] += (double(s0[c]) * s0[c] + double(s1[c]) * s1[c]) + (double(s2[c]) * s2[c] + double(s3[c]) * s3[c]);
+      nz0 |= s0[c] != 0.0f;
+      nz1 |= s1[c] != 0.0f;
+      nz2 |= s2[c] != 0.0f;
+      nz3 |= s3[c] != 0.0f;
+    }
+    row_nonzero[r] = nz0, row_nonzero[r + quarter] = nz1, row_nonzero[r + 2 * quarter] = nz2;
+    row_nonzero[r + 3 * quarter] = nz3;
   }
   for (int64_t r = r0 + 4 * quarter; r < r1; ++r) {  // the rows the quarters leave
     const float* s = source_row(j, r);
-#pragma omp simd
-    for (int64_t c = 0; c < j.cols; ++c) sumsq[c] += double(s[c]) * s[c];
+    int nz = 0;
+#pragma omp simd reduction(| : nz)
+    for (int64_t c = 0; c < j.cols; ++c) {
+      sumsq[c] += double(s[c]) * s[c];
+      nz |= s[c] != 0.0f;
+    }
+    row_nonzero[r] = nz;
   }
 }
 
 // Rows [r0, r1), each entry's RMS from its sum of squares: per row (dim 1) from `sumsq`,
-// per column (dim 0) from `scales`, each column's lr / rms computed once per job.
-void apply_rms(const Job& j, int64_t r0, int64_t r1, const float* scales) {
+// per column (dim 0) from `scales`, each column's lr / rms computed once per job, the rows
+// `row_nonzero` (from the sums' pass) says are zero left untouched when there is no decay.
+void apply_rms(const Job& j, int64_t r0, int64_t r1, const float* scales, const uint8_t* row_nonzero) {
   const float d = decay(j), lr = float(j.lr);
   for (int64_t r = r0; r < r1; ++r) {
     const float* s = direction(j) + r * j.cols;
@@ -158,7 +162,7 @@ void apply_rms(const Job& j, int64_t r0, int64_t r1, const float* scales) {
       if (j.sumsq[r] != 0.0 || d != 1.0f) update_row(p, s, j.cols, d, lr, rms_of(j.sumsq[r], j.count));
       continue;
     }
-    if (d == 1.0f && is_zero(s, j.cols)) continue;
+    if (d == 1.0f && !row_nonzero[r]) continue;
 #pragma omp simd
     for (int64_t c = 0; c < j.cols; ++c) p[c] = d * p[c] - s[c] * scales[c];
   }
@@ -227,10 +231,13 @@ std::vector<float> column_scales(const Job& j, const double* sumsq) {
 extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threads) {
   std::vector<std::vector<double>> column_sums;
   const std::vector<Chunk> chunks = make_chunks(jobs, n_jobs, true, column_sums);
+  std::vector<std::vector<uint8_t>> row_nonzero(n_jobs);  // dim 0: from the sums' pass to the update's
+  for (int64_t k = 0; k < n_jobs; ++k)
+    if (jobs[k].dim == 0) row_nonzero[k].resize(jobs[k].rows);
   parallel_chunks(chunks, threads, [&](const Chunk& ch) {
     const Job& j = jobs[ch.job];
     if (j.dim == 1) step_rows(j, ch.r0, ch.r1);
-    else sum_columns(j, ch.r0, ch.r1, ch.sumsq);
+    else sum_columns(j, ch.r0, ch.r1, ch.sumsq, row_nonzero[ch.job].data());
   });
   std::vector<std::vector<float>> scales(n_jobs);
   std::vector<Chunk> second;  // dim 0: the update pass
@@ -243,7 +250,9 @@ extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threa
     add_column_sums(column_sums[ch.job], j.cols, total.data());
     scales[ch.job] = column_scales(j, total.data());
   }
-  parallel_chunks(second, threads, [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, scales[ch.job].data()); });
+  parallel_chunks(second, threads, [&](const Chunk& ch) {
+    apply_rms(jobs[ch.job], ch.r0, ch.r1, scales[ch.job].data(), row_nonzero[ch.job].data());
+  });
 }
 
 extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads) {
@@ -251,7 +260,7 @@ extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads)
   const std::vector<Chunk> chunks = make_chunks(jobs, n_jobs, true, column_sums);
   parallel_chunks(chunks, threads, [&](const Chunk& ch) {
     const Job& j = jobs[ch.job];
-    if (j.dim == 0) return sum_columns(j, ch.r0, ch.r1, ch.sumsq);
+    if (j.dim == 0) return sum_columns(j, ch.r0, ch.r1, ch.sumsq, j.row_nonzero);
     for (int64_t r = ch.r0; r < ch.r1; ++r) j.sumsq[r] += row_sumsq(source_row(j, r), j.cols);
   });
   // Several blocks of one piece add into the same columns: job by job, in order.
@@ -263,6 +272,7 @@ extern "C" void scale_apply_rms(const Job* jobs, int64_t n_jobs, int threads) {
   std::vector<std::vector<double>> unused;
   std::vector<std::vector<float>> scales(n_jobs);
   for (int64_t k = 0; k < n_jobs; ++k) scales[k] = column_scales(jobs[k], jobs[k].sumsq);
-  parallel_chunks(make_chunks(jobs, n_jobs, false, unused), threads,
-                  [&](const Chunk& ch) { apply_rms(jobs[ch.job], ch.r0, ch.r1, scales[ch.job].data()); });
+  parallel_chunks(make_chunks(jobs, n_jobs, false, unused), threads, [&](const Chunk& ch) {
+    apply_rms(jobs[ch.job], ch.r0, ch.r1, scales[ch.job].data(), jobs[ch.job].row_nonzero);
+  });
 }

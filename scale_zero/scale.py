@@ -249,18 +249,21 @@ def _kernel_blocks(
 ) -> tuple[list[KernelBlock], list[int]]:
     """The blocks of these pieces whose RMS entries are complete here (`entries_here`,
     `ShardLayout.holds_entries`), or the others, and for each the index of the piece it is
-    part of (whose gradient and lr it takes); `sums[i]`, piece i's slot of the batched
-    buffer (full length), handed to each block as the entries it spans."""
+    part of (whose gradient and lr it takes). For the two phases, `sums[i]` is piece i's slot
+    of the batched buffer (full length), handed to each block as the entries it spans, and a
+    dim-0 block gets its row flags (`KernelBlock.row_nonzero`)."""
     owners, blocks = [], []
     for i, piece in enumerate(pieces):
         for block, complete in zip(piece.layout.blocks, piece.layout.holds_entries[piece.dim]):
             if complete != entries_here:
                 continue
             owners.append(i)
+            rows, device = block.r1 - block.r0, piece.flat_param.device
             blocks.append(KernelBlock(
                 piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
-                block.r1 - block.r0, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
+                rows, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
                 piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
+                torch.empty(rows, dtype=torch.uint8, device=device) if sums is not None and piece.dim == 0 else None,
             ))
     return blocks, owners
 
@@ -281,13 +284,15 @@ class _KernelPlan:
     """The kernels' part of one call's step, its three phases (each a list of batches, one
     per backend) and the batched buffer, kept while the call steps the same pieces
     (`SCALE._kernel_plan`): a step writes in only its gradients and lr. `layouts` holds the
-    layouts whose ids the plan's key names."""
+    layouts whose ids the plan's key names; `row_flags`, the two phases' row flags of dim-0
+    blocks, whose addresses the batches hold."""
 
     layouts: tuple[ShardLayout, ...]
     sums: PartialSums | None
     step: list
     partial_sums: list
     apply: list
+    row_flags: tuple[torch.Tensor, ...]
 
 
 def _plan_key(kernel: Sequence[_Piece], normalized: Sequence[_Piece]) -> tuple:
@@ -621,6 +626,7 @@ class SCALE(Optimizer):
                 _batches("step", kernel, *_kernel_blocks(kernel, entries_here=True)),
                 _batches("sums", cut, *cut_blocks),  # the two phases of the same blocks
                 _batches("apply", cut, *cut_blocks),
+                tuple(b.row_nonzero for b in cut_blocks[0] if b.row_nonzero is not None),
             )
         elif plan.sums is not None:
             plan.sums.zero_()

@@ -248,6 +248,9 @@ def test_misuse_is_refused():
         triton_step.Batch("sums", [block._replace(sumsq=torch.zeros(4))], [0])
     with pytest.raises(ValueError, match="takes contiguous fp32"):
         triton_step.Batch("step", [block._replace(param=p.double())], [0])
+    columns = block._replace(dim=0, count=4, sumsq=torch.zeros(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dim-0 block needs 4 contiguous uint8 row flags"):
+        triton_step.Batch("sums", [columns], [0])
     batch = triton_step.Batch("step", [block], [0])
     with pytest.raises(ValueError, match="gradient of at least 40 elements, got a torch.bfloat16 cpu"):
         batch.run([g.bfloat16()], [0.1])
