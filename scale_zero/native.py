@@ -43,6 +43,8 @@ class _Job(ctypes.Structure):
         ("param", ctypes.c_void_p),
         ("grad", ctypes.c_void_p),
         ("momentum", ctypes.c_void_p),
+        ("owner", ctypes.c_int64),
+        ("grad_offset", ctypes.c_int64),
         ("rows", ctypes.c_int64),
         ("cols", ctypes.c_int64),
         ("dim", ctypes.c_int64),
@@ -77,7 +79,10 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(path)
     for entry in _ENTRIES.values():
-        getattr(lib, entry).argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
+        getattr(lib, entry).argtypes = [
+            ctypes.POINTER(_Job), ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_double),
+            ctypes.c_int,
+        ]
         getattr(lib, entry).restype = None
     return lib
 
@@ -95,37 +100,32 @@ def accepts(*tensors: torch.Tensor | None) -> bool:
 
 class Batch:
     """One phase's blocks as the C side's job array, built once and run at every step that
-    steps the same blocks: per run only each block's gradient (ZeRO flattens a new one at
-    every step) and lr (the schedule) are written in. `owners[i]` says which of the run's
-    gradients and rates block i takes. The caller keeps a batch only while the blocks'
-    parameter and momentum storage, shapes, settings and `sumsq` stay what it was built
-    with; the batch holds no tensor (a gradient must be free to go after its step)."""
+    steps the same blocks: a run hands the C side only each owner's gradient (ZeRO flattens a
+    new one at every step) and lr (the schedule), `owners[i]` saying which block i takes. The
+    caller keeps a batch only while the blocks' parameter and momentum storage, shapes,
+    settings and `sumsq` stay what it was built with; the batch holds no tensor (a gradient
+    must be free to go after its step)."""
 
     def __init__(self, phase: str, blocks: Sequence[KernelBlock], owners: Sequence[int]):
         self.entry = _ENTRIES[phase]
-        self.jobs = (_Job * len(blocks))(*map(functools.partial(_job, phase), blocks))
-        self.owners = tuple(owners)
-        self.grad_offsets = tuple(_FP32_BYTES * b.offset for b in blocks)
+        self.jobs = (_Job * len(blocks))(*(_job(phase, b, owner) for b, owner in zip(blocks, owners, strict=True)))
         self.grad_lengths = gradient_lengths(blocks, owners)
 
     def run(self, grads: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
-        if not self.owners:
+        if not self.jobs:
             return
         check_gradients(grads, self.grad_lengths, accepts, "contiguous fp32 CPU")
-        addresses = [g.data_ptr() for g in grads]
-        for job, owner, offset in zip(self.jobs, self.owners, self.grad_offsets):
-            job.grad = addresses[owner] + offset
-            job.lr = lrs[owner]
-        getattr(_library(), self.entry)(self.jobs, len(self.owners), torch.get_num_threads())
+        addresses = (ctypes.c_void_p * len(grads))(*(g.data_ptr() for g in grads))
+        rates = (ctypes.c_double * len(lrs))(*lrs)
+        getattr(_library(), self.entry)(self.jobs, len(self.jobs), addresses, rates, torch.get_num_threads())
 
 
-def _job(phase: str, b: KernelBlock) -> _Job:
+def _job(phase: str, b: KernelBlock, owner: int) -> _Job:
     b.check(phase)  # the C side trusts these pointers
     sumsq = None if phase == "step" else b.sumsq.data_ptr()
     row_nonzero = None if phase == "step" or b.dim == 1 else b.row_nonzero.data_ptr()
     start = _FP32_BYTES * b.offset
     return _Job(
-        b.param.data_ptr() + start, b.grad.data_ptr() + start,
-        None if b.momentum is None else b.momentum.data_ptr() + start,
-        b.rows, b.cols, b.dim, b.lr, b.weight_decay, b.beta, b.count, sumsq, row_nonzero,
+        b.param.data_ptr() + start, None, None if b.momentum is None else b.momentum.data_ptr() + start,
+        owner, b.offset, b.rows, b.cols, b.dim, 0.0, b.weight_decay, b.beta, b.count, sumsq, row_nonzero,
     )

@@ -49,11 +49,13 @@ extern "C" {
 // Keep in sync with `_Job` in scale_zero/native.py (same fields, same names).
 struct Job {
   float* param;         // (rows, cols), row-major, contiguous
-  const float* grad;    // same shape
+  const float* grad;    // same shape: filled in at each call, `grad_offset` values into `grads[owner]`
   float* momentum;      // same shape, or nullptr when the role keeps no momentum
+  int64_t owner;        // which of a call's gradients and lrs the block takes
+  int64_t grad_offset;
   int64_t rows, cols;
   int64_t dim;          // 1: RMS over each row; 0: RMS over each column
-  double lr;            // the param group's values, as they are
+  double lr;            // filled in at each call, `lrs[owner]`; with the others, the param group's values
   double weight_decay;
   double beta;          // momentum coefficient
   int64_t count;        // how many values each entry's mean is over: the full parameter's size along dim
@@ -226,9 +228,20 @@ std::vector<float> column_scales(const Job& j, const double* sumsq) {
   return scales;
 }
 
+// A call's jobs with this call's gradients and lrs filled in: a caller keeps its job array
+// between steps and hands only these (one per owner, a few per call, not one per block).
+std::vector<Job> with_gradients(const Job* jobs, int64_t n_jobs, const float* const* grads, const double* lrs) {
+  std::vector<Job> filled(jobs, jobs + n_jobs);
+  for (Job& j : filled) j.grad = grads[j.owner] + j.grad_offset, j.lr = lrs[j.owner];
+  return filled;
+}
+
 }  // namespace
 
-extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threads) {
+extern "C" void scale_normalized_step(const Job* given, int64_t n_jobs, const float* const* grads, const double* lrs,
+                                      int threads) {
+  const std::vector<Job> filled = with_gradients(given, n_jobs, grads, lrs);
+  const Job* jobs = filled.data();
   std::vector<std::vector<double>> column_sums;
   const std::vector<Chunk> chunks = make_chunks(jobs, n_jobs, true, column_sums);
   std::vector<std::vector<uint8_t>> row_nonzero(n_jobs);  // dim 0: from the sums' pass to the update's
@@ -255,7 +268,10 @@ extern "C" void scale_normalized_step(const Job* jobs, int64_t n_jobs, int threa
   });
 }
 
-extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads) {
+extern "C" void scale_partial_sums(const Job* given, int64_t n_jobs, const float* const* grads, const double* lrs,
+                                   int threads) {
+  const std::vector<Job> filled = with_gradients(given, n_jobs, grads, lrs);
+  const Job* jobs = filled.data();
   std::vector<std::vector<double>> column_sums;
   const std::vector<Chunk> chunks = make_chunks(jobs, n_jobs, true, column_sums);
   parallel_chunks(chunks, threads, [&](const Chunk& ch) {
@@ -268,7 +284,10 @@ extern "C" void scale_partial_sums(const Job* jobs, int64_t n_jobs, int threads)
     if (jobs[k].dim == 0) add_column_sums(column_sums[k], jobs[k].cols, jobs[k].sumsq);
 }
 
-extern "C" void scale_apply_rms(const Job* jobs, int64_t n_jobs, int threads) {
+extern "C" void scale_apply_rms(const Job* given, int64_t n_jobs, const float* const* grads, const double* lrs,
+                                int threads) {
+  const std::vector<Job> filled = with_gradients(given, n_jobs, grads, lrs);
+  const Job* jobs = filled.data();
   std::vector<std::vector<double>> unused;
   std::vector<std::vector<float>> scales(n_jobs);
   for (int64_t k = 0; k < n_jobs; ++k) scales[k] = column_scales(jobs[k], jobs[k].sumsq);

@@ -22,8 +22,10 @@ whose RMS is local take its one-pass step.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Sequence
@@ -177,6 +179,12 @@ def chunked_adamw_update_(
                     _write_(rounding, stored, layout.shape, chunk, target, values)
 
 
+@functools.cache
+def _whole(shape: tuple[int, int]) -> tuple[tuple[int, ShardLayout], ...]:
+    """A whole parameter's one piece, the same object at every step (the kernel plans are keyed by it)."""
+    return ((0, ShardLayout.whole(shape)),)
+
+
 def stored_in_fp32(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.dtype == torch.float32 for t in tensors)
 
@@ -197,6 +205,32 @@ class _Unit:
 
 
 @dataclass
+class _Normalized:
+    """A unit of a normalized role with what its step takes: `momentum`, its state (None:
+    the role keeps none), its group's hyperparameters, and `backend`, the kernel that steps
+    it (None: the torch path, or bf16 storage's fp32 chunks). Decided per unit: its pieces
+    share its flats."""
+
+    unit: _Unit
+    momentum: torch.Tensor | None
+    dim: int | None
+    lr: float
+    weight_decay: float
+    beta: float
+    backend: ModuleType | None
+    rounding: Rounding | None  # how bf16 writes round (low-precision units only)
+
+    @property
+    def in_fp32(self) -> bool:
+        return stored_in_fp32(self.unit.param, self.unit.grad, self.momentum)
+
+    def pieces(self) -> list[_Piece]:
+        u = self.unit
+        return [_Piece(layout, offset, u.param, u.grad, self.momentum, self.dim, self.lr, self.weight_decay, self.beta,
+                       self.rounding) for offset, layout in u.pieces]
+
+
+@dataclass
 class _Piece:
     """What one rank holds of one normalized parameter: `layout`'s values, stored from
     `offset` of its unit's flats `flat_param`, `flat_grad` and `flat_momentum` (None: the
@@ -212,8 +246,6 @@ class _Piece:
     lr: float
     weight_decay: float
     beta: float
-    in_fp32: bool  # parameter, gradient and momentum all stored in fp32
-    backend: ModuleType | None  # the kernel that steps it (both phases, or the one-pass step); None: the torch path
     rounding: Rounding | None = None  # how bf16 writes round (low-precision pieces only)
 
     def _view(self, flat: torch.Tensor) -> torch.Tensor:
@@ -245,19 +277,19 @@ class _Piece:
 
 
 def _kernel_blocks(
-    pieces: Sequence[_Piece], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
+    pieces: Sequence[_Piece], owners: Sequence[int], entries_here: bool, sums: Sequence[torch.Tensor] | None = None
 ) -> tuple[list[KernelBlock], list[int]]:
     """The blocks of these pieces whose RMS entries are complete here (`entries_here`,
-    `ShardLayout.holds_entries`), or the others, and for each the index of the piece it is
-    part of (whose gradient and lr it takes). For the two phases, `sums[i]` is piece i's slot
-    of the batched buffer (full length), handed to each block as the entries it spans, and a
-    dim-0 block gets its row flags (`KernelBlock.row_nonzero`)."""
-    owners, blocks = [], []
-    for i, piece in enumerate(pieces):
+    `ShardLayout.holds_entries`), or the others, and for each its piece's owner (the unit
+    whose gradient and lr it takes). For the two phases, `sums[i]` is piece i's slot of the
+    batched buffer (full length), handed to each block as the entries it spans, and a dim-0
+    block gets its row flags (`KernelBlock.row_nonzero`)."""
+    block_owners, blocks = [], []
+    for i, (piece, owner) in enumerate(zip(pieces, owners, strict=True)):
         for block, complete in zip(piece.layout.blocks, piece.layout.holds_entries[piece.dim]):
             if complete != entries_here:
                 continue
-            owners.append(i)
+            block_owners.append(owner)
             rows, device = block.r1 - block.r0, piece.flat_param.device
             blocks.append(KernelBlock(
                 piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
@@ -265,15 +297,15 @@ def _kernel_blocks(
                 piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
                 torch.empty(rows, dtype=torch.uint8, device=device) if sums is not None and piece.dim == 0 else None,
             ))
-    return blocks, owners
+    return blocks, block_owners
 
 
-def _batches(phase: str, pieces: Sequence[_Piece], blocks: list[KernelBlock], owners: list[int]) -> list:
-    """`phase` of these blocks (`owners` indexing `pieces`) as one Batch per kernel backend
-    of their pieces: usually one."""
+def _batches(phase: str, backends: Sequence[ModuleType], blocks: list[KernelBlock], owners: list[int]) -> list:
+    """`phase` of these blocks as one Batch per kernel backend of their owners (`backends[owner]`):
+    usually one."""
     per_backend: dict[ModuleType, tuple[list[KernelBlock], list[int]]] = {}
     for block, owner in zip(blocks, owners, strict=True):
-        backend_blocks, backend_owners = per_backend.setdefault(pieces[owner].backend, ([], []))
+        backend_blocks, backend_owners = per_backend.setdefault(backends[owner], ([], []))
         backend_blocks.append(block)
         backend_owners.append(owner)
     return [backend.Batch(phase, *blocks_and_owners) for backend, blocks_and_owners in per_backend.items()]
@@ -282,30 +314,32 @@ def _batches(phase: str, pieces: Sequence[_Piece], blocks: list[KernelBlock], ow
 @dataclass
 class _KernelPlan:
     """The kernels' part of one call's step, its three phases (each a list of batches, one
-    per backend) and the batched buffer, kept while the call steps the same pieces
-    (`SCALE._kernel_plan`): a step writes in only its gradients and lr. `layouts` holds the
-    layouts whose ids the plan's key names; `row_flags`, the two phases' row flags of dim-0
-    blocks, whose addresses the batches hold."""
+    per backend, whose owners are the call's kernel units) and the batched buffer (the cut
+    kernel pieces' `cut_slots` slots first, then the torch path's), kept while the call steps
+    the same units (`SCALE._kernel_plan`): a step hands the batches only its gradients and
+    lrs. `described` holds what the plan's key names by id; `row_flags`, the two phases' row
+    flags of dim-0 blocks, whose addresses the batches hold."""
 
-    layouts: tuple[ShardLayout, ...]
+    described: tuple
     sums: PartialSums | None
+    cut_slots: int
     step: list
     partial_sums: list
     apply: list
     row_flags: tuple[torch.Tensor, ...]
 
 
-def _plan_key(kernel: Sequence[_Piece], normalized: Sequence[_Piece]) -> tuple:
-    """What a `_KernelPlan` is built from, besides the gradients and lr: each kernel piece's
-    layout, place, settings, backend and storage, and the layout of each piece with a slot."""
+def _plan_key(kernel: Sequence[_Normalized], torch_normalized: Sequence[_Piece]) -> tuple:
+    """What a `_KernelPlan` is built from, besides the gradients and lrs: each kernel unit's
+    pieces (their offsets and layouts), settings, backend and storage, and the layout of each
+    torch-path piece with a slot. Per unit, not per piece: a ZeRO flat holds dozens."""
     def storage(t: torch.Tensor | None):
         return None if t is None else (t.data_ptr(), t.numel())
 
     return (
-        tuple((id(p.layout), p.offset, p.dim, p.weight_decay, p.beta, p.backend, storage(p.flat_param),
-               storage(p.flat_momentum))
-              for p in kernel),
-        tuple((id(p.layout), p.dim, p.flat_param.device) for p in normalized),
+        tuple((id(u.unit.pieces), u.dim, u.weight_decay, u.beta, u.backend, storage(u.unit.param),
+               storage(u.momentum)) for u in kernel),
+        tuple((id(p.layout), p.dim, p.flat_param.device) for p in torch_normalized),
     )
 
 
@@ -383,6 +417,7 @@ class SCALE(Optimizer):
         self._counted: set[int] = set()  # ids of the tensors `comm_stats` has stepped
         self._flats: dict[torch.Tensor, tuple[tuple[int, ShardLayout], ...]] = {}  # see bind_flat
         self._kernel_plans: dict[tuple, _KernelPlan] = {}  # see _kernel_plan; not copied or pickled
+        self._dtensor_layouts: dict[int, tuple] = {}  # see _dtensor_pieces; not copied or pickled
         self._roles: dict[torch.Tensor, str] = {}  # see role_of
         self._model_roles = module_roles(model) if model is not None else {}
         self._by_shape: list[str] = []  # >=2-D parameters whose role only their shape decided
@@ -417,6 +452,7 @@ class SCALE(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_counted", set())
         self.__dict__.setdefault("_kernel_plans", {})
+        self.__dict__.setdefault("_dtensor_layouts", {})
         self.__dict__.setdefault("_model_roles", {})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -529,7 +565,7 @@ class SCALE(Optimizer):
         self._count_step()
 
         # Per role, what this rank holds of each parameter with a gradient.
-        pieces, vectors, units_stepped = [], [], []
+        normalized, vectors, units_stepped = [], [], []
         for group in self.param_groups:
             for role, params in self._params_by_role(group).items():
                 units = [u for p in params if (u := self._unit(p, role)) is not None]
@@ -538,11 +574,15 @@ class SCALE(Optimizer):
                 if role == "vector":
                     vectors.append((group, units))
                 else:
-                    pieces += self._pieces(group, role, units)
+                    normalized += [self._normalized(group, role, unit) for unit in units]
                 units_stepped += units
 
-        pieces = self._step_low_precision(pieces)
-        self._normalized_step(pieces)
+        # bf16 storage in fp32 chunks; a kernel's units; the torch path's pieces.
+        low_precision = [n for n in normalized if not n.in_fp32]
+        self._step_low_precision([piece for n in low_precision for piece in n.pieces()])
+        kernel = [n for n in normalized if n.backend is not None]
+        torch_path = [piece for n in normalized if n.backend is None and n.in_fp32 for piece in n.pieces()]
+        self._normalized_step(kernel, torch_path)
         # AdamW for vectors.
         for group, units in vectors:
             self._adamw(group, units)
@@ -567,40 +607,35 @@ class SCALE(Optimizer):
 
         bind_at_first_step(self)
 
-    def _normalized_step(self, pieces: list[_Piece]) -> None:
-        """Every normalized piece, in two phases around ONE all_reduce per process group:
+    def _normalized_step(self, kernel: list[_Normalized], torch_path: list[_Piece]) -> None:
+        """Every normalized fp32 unit, in two phases around ONE all_reduce per process group:
         momentum and this rank's partial sums of squares, then decay and the update. A fused
-        kernel steps each block of its pieces holding whole rows (or columns) in its one
-        pass, and runs the two phases for the blocks the partition cuts."""
-        torch_path = [piece for piece in pieces if piece.backend is None]
-        kernel = [piece for piece in pieces if piece.backend is not None]
-        # The kernel's pieces, those that need a slot (its two phases) first.
-        cut = [piece for piece in kernel if piece.needs_slot()]
-        kernel = cut + [piece for piece in kernel if not piece.needs_slot()]
-        # Slots for the kernel's pieces that need them, then the torch path's.
+        kernel steps each block of its units holding whole rows (or columns) in its one
+        pass, and runs the two phases for the blocks the partition cuts; the torch path
+        steps `torch_path`'s pieces."""
         # No normalized piece (plain SGD, or nothing): no statistic, no collective.
-        normalized = cut + [piece for piece in torch_path if piece.dim is not None]
-        plan = self._kernel_plan(kernel, cut, normalized)
-        grads, lrs = [p.flat_grad for p in kernel], [p.lr for p in kernel]
+        torch_normalized = [piece for piece in torch_path if piece.dim is not None]
+        plan = self._kernel_plan(kernel, torch_normalized)
+        grads, lrs = [u.unit.grad for u in kernel], [u.lr for u in kernel]
         for batch in plan.step:
             batch.run(grads, lrs)
         sums = plan.sums
 
         # Phase 1: momentum, where the role keeps it, and this rank's partial sums of squares.
         for batch in plan.partial_sums:
-            batch.run(grads[: len(cut)], lrs[: len(cut)])
+            batch.run(grads, lrs)
         for beta in {p.beta for p in torch_path if p.flat_momentum is not None}:
             with_momentum = [p for p in torch_path if p.flat_momentum is not None and p.beta == beta]
             momentum_([p.momentum for p in with_momentum], [p.grad for p in with_momentum], beta)
-        for i, piece in enumerate(normalized[len(cut) :], start=len(cut)):
+        for i, piece in enumerate(torch_normalized, start=plan.cut_slots):
             sums.add_(i, piece.direction)
         # The full-parameter sums of every direction: one all_reduce per process group.
         if sums is not None:
             sums.all_reduce(self.comm_stats)
         # Phase 2: decay and the normalized update (the kernel takes the RMS from the sums).
         for batch in plan.apply:
-            batch.run(grads[: len(cut)], lrs[: len(cut)])
-        torch_rms = iter(sums.rms()[len(cut) :] if len(normalized) > len(cut) else [])
+            batch.run(grads, lrs)
+        torch_rms = iter(sums.rms()[plan.cut_slots :] if torch_normalized else [])
         for piece in torch_path:
             normalized_update_(
                 piece.layout, piece.param, piece.direction, None if piece.dim is None else next(torch_rms),
@@ -610,22 +645,33 @@ class SCALE(Optimizer):
     # How many calls' plans are kept: DeepSpeed calls the step once per (sub-)group.
     _PLANS_KEPT = 16
 
-    def _kernel_plan(self, kernel: list[_Piece], cut: list[_Piece], normalized: list[_Piece]) -> _KernelPlan:
-        """The plan for these pieces (`cut` the first of `kernel`), from the last steps' if one
-        was built from the same layouts, storage and settings; its batched buffer zeroed for
-        this step."""
-        key = _plan_key(kernel, normalized)
+    def _kernel_plan(self, kernel: list[_Normalized], torch_normalized: list[_Piece]) -> _KernelPlan:
+        """The plan for these kernel units (and the slots of these torch-path pieces), from
+        the last steps' if one was built from the same pieces, storage and settings; its
+        batched buffer zeroed for this step. The units' pieces are built only here."""
+        key = _plan_key(kernel, torch_normalized)
         plan = self._kernel_plans.pop(key, None)
         if plan is None:
+            pieces, owners = [], []
+            for owner, unit in enumerate(kernel):
+                unit_pieces = unit.pieces()
+                pieces += unit_pieces
+                owners += [owner] * len(unit_pieces)
+            cut = [(piece, owner) for piece, owner in zip(pieces, owners) if piece.needs_slot()]
+            # Slots for the kernel's pieces that need them, then the torch path's.
+            normalized = [piece for piece, _ in cut] + torch_normalized
             sums = None
             if normalized:
                 sums = PartialSums([(p.layout, p.dim) for p in normalized], normalized[0].flat_param.device)
-            cut_blocks = _kernel_blocks(cut, entries_here=False, sums=[sums.slot(i) for i in range(len(cut))])
+            cut_blocks = _kernel_blocks([piece for piece, _ in cut], [owner for _, owner in cut], entries_here=False,
+                                        sums=[sums.slot(i) for i in range(len(cut))])
+            backends = [unit.backend for unit in kernel]
             plan = _KernelPlan(
-                tuple(p.layout for p in kernel + normalized), sums,
-                _batches("step", kernel, *_kernel_blocks(kernel, entries_here=True)),
-                _batches("sums", cut, *cut_blocks),  # the two phases of the same blocks
-                _batches("apply", cut, *cut_blocks),
+                (tuple(unit.unit.pieces for unit in kernel), tuple(p.layout for p in torch_normalized)),
+                sums, len(cut),
+                _batches("step", backends, *_kernel_blocks(pieces, owners, entries_here=True)),
+                _batches("sums", backends, *cut_blocks),  # the two phases of the same blocks
+                _batches("apply", backends, *cut_blocks),
                 tuple(b.row_nonzero for b in cut_blocks[0] if b.row_nonzero is not None),
             )
         elif plan.sums is not None:
@@ -649,10 +695,9 @@ class SCALE(Optimizer):
         if p in self._flats:  # a bf16 flat (master-free ZeRO) keeps its bf16 gradient
             return _Unit(p, p, p.grad if p.dtype == torch.bfloat16 else p.grad.float(), self._flats[p])
         local, grad = local_tensor(p), local_tensor(p.grad)
-        pieces = []
+        pieces = ()
         if role != "vector":
-            layout = dtensor_layout(p) if isinstance(p, DTensor) else ShardLayout.whole(normalized_shape(p, role))
-            pieces = [(0, layout)]
+            pieces = self._dtensor_pieces(p) if isinstance(p, DTensor) else _whole(normalized_shape(p, role))
         if local.dtype == torch.bfloat16:  # stepped as bf16 storage, in place when contiguous
             if role == "vector" and isinstance(p, DTensor):  # where its elements are, for the rounding
                 start = dtensor_offset(p)
@@ -663,6 +708,14 @@ class SCALE(Optimizer):
         exact = local.dtype == torch.float32 and local.is_contiguous()
         param = local.view(-1) if exact else local.detach().float().reshape(-1)
         return _Unit(p, param, grad.float().reshape(-1), pieces, None if exact else local)
+
+    def _dtensor_pieces(self, p: DTensor) -> tuple[tuple[int, ShardLayout], ...]:
+        """`((0, dtensor_layout(p)),)`, the same object at every step while `p`'s mesh and
+        placements stay: the kernel plans are keyed by it."""
+        kept = self._dtensor_layouts.get(id(p))  # by id: a tensor's == is elementwise
+        if kept is None or kept[0]() is not p or kept[1] is not p.device_mesh or kept[2] != p.placements:
+            kept = self._dtensor_layouts[id(p)] = (weakref.ref(p), p.device_mesh, p.placements, ((0, dtensor_layout(p)),))
+        return kept[3]
 
     def _state(self, unit: _Unit, name: str) -> torch.Tensor:
         """A buffer shaped like the unit's local values (a DTensor for a DTensor), in
@@ -676,10 +729,9 @@ class SCALE(Optimizer):
     def _rounding(self, step: int) -> Rounding | None:
         return Rounding(self.rounding_seed, step) if self.stochastic_rounding else None
 
-    def _step_low_precision(self, pieces: list[_Piece]) -> list[_Piece]:
-        """Step the pieces with bf16 storage (parameter, gradient or momentum) in fp32 chunks,
-        with their own batched RMS (one all_reduce per process group); return the others."""
-        low = [piece for piece in pieces if not piece.in_fp32]
+    def _step_low_precision(self, low: list[_Piece]) -> None:
+        """Step pieces with bf16 storage (parameter, gradient or momentum) in fp32 chunks,
+        with their own batched RMS (one all_reduce per process group)."""
         for piece in low:
             if piece.momentum is not None:
                 chunked_momentum_(piece.layout, piece.momentum, piece.grad, piece.beta, piece.rounding)
@@ -691,7 +743,6 @@ class SCALE(Optimizer):
                 piece.layout, piece.param, piece.direction, None if piece.dim is None else next(rms), piece.dim,
                 piece.lr, piece.weight_decay, piece.rounding,
             )
-        return [piece for piece in pieces if piece.in_fp32]
 
     def _params_by_role(self, group: dict) -> dict[str, list[torch.Tensor]]:
         """The group's tensors by role, in order: the group's `role`, else each one's own."""
@@ -707,24 +758,14 @@ class SCALE(Optimizer):
             by_role.setdefault(role, []).append(p)
         return by_role
 
-    def _pieces(self, group: dict, role: str, units: list[_Unit]) -> list[_Piece]:
-        pieces = []
-        dim, lr, weight_decay, beta = (
-            group["norm_dims"][role], _as_float(group["lr"]), group["weight_decay"], group["momentum"]
-        )
-        for unit in units:
-            momentum = self._state(unit, "momentum_buffer") if role in group["momentum_roles"] else None
-            # Decided per unit: its pieces share its flats.
-            in_fp32 = stored_in_fp32(unit.param, unit.grad, momentum)
-            backend = None if dim is None else backend_for(unit.param, unit.grad, momentum)
-            bf16_writes = self.stochastic_rounding and not stored_in_fp32(unit.param, momentum)
-            rounding = self._rounding(self.state[unit.key]["step"]) if bf16_writes else None
-            pieces += [
-                _Piece(layout, offset, unit.param, unit.grad, momentum, dim, lr, weight_decay, beta, in_fp32, backend,
-                       rounding)
-                for offset, layout in unit.pieces
-            ]
-        return pieces
+    def _normalized(self, group: dict, role: str, unit: _Unit) -> _Normalized:
+        momentum = self._state(unit, "momentum_buffer") if role in group["momentum_roles"] else None
+        dim = group["norm_dims"][role]
+        backend = None if dim is None else backend_for(unit.param, unit.grad, momentum)
+        bf16_writes = self.stochastic_rounding and not stored_in_fp32(unit.param, momentum)
+        rounding = self._rounding(self.state[unit.key]["step"]) if bf16_writes else None
+        return _Normalized(unit, momentum, dim, _as_float(group["lr"]), group["weight_decay"], group["momentum"],
+                           backend, rounding)
 
     def _adamw(self, group: dict, units: list[_Unit]) -> None:
         lr = self._adamw_rate(group)
