@@ -714,7 +714,8 @@ class SCALE(Optimizer):
         placements stay: the kernel plans are keyed by it."""
         kept = self._dtensor_layouts.get(id(p))  # by id: a tensor's == is elementwise
         if kept is None or kept[0]() is not p or kept[1] is not p.device_mesh or kept[2] != p.placements:
-            kept = self._dtensor_layouts[id(p)] = (weakref.ref(p), p.device_mesh, p.placements, ((0, dtensor_layout(p)),))
+            kept = (weakref.ref(p), p.device_mesh, p.placements, ((0, dtensor_layout(p)),))
+            self._dtensor_layouts[id(p)] = kept
         return kept[3]
 
     def _state(self, unit: _Unit, name: str) -> torch.Tensor:
