@@ -18,7 +18,6 @@ Needs CUDA and Triton: without them it says so and exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import platform
@@ -26,29 +25,23 @@ import statistics
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from benchmarks.optimizer_step import (
-    ADAMW_READ_WRITE_BYTES, LLAMA_SIZES, READ_WRITE_BYTES, describe, llama_groups, torch_path,
+    ADAMW_READ_WRITE_BYTES, READ_WRITE_BYTES, bench_and_write, describe, llama_groups, parse_sizes, scale_steps,
+    size_arguments,
 )
-from scale_zero import SCALE, kernel, triton_step
+from scale_zero import kernel, triton_step
 
 TRITON, TORCH_PATH, ADAMW = "SCALE (Triton kernel)", "SCALE (torch path)", "AdamW (torch fused)"
 
 
 def make_methods(groups: list[dict], lr: float, weight_decay: float) -> dict:
     params = [p for g in groups for p in g["params"]]
-    on_triton = SCALE(groups, lr=lr, adam_lr=2e-2, weight_decay=weight_decay)
-    on_torch = SCALE(groups, lr=lr, adam_lr=2e-2, weight_decay=weight_decay)
-
-    def torch_path_step():
-        with torch_path():
-            on_torch.step()
-
+    on_triton, on_torch = scale_steps(groups, lr, weight_decay)
     adamw = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    return {TRITON: on_triton.step, TORCH_PATH: torch_path_step, ADAMW: adamw.step}
+    return {TRITON: on_triton, TORCH_PATH: on_torch, ADAMW: adamw.step}
 
 
 def device_work(step) -> Counter:
@@ -154,18 +147,9 @@ def refuse(message: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1b,7b", help=f"comma-separated, from {list(LLAMA_SIZES)}")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/gpu_step.md"))
+    parser = size_arguments(__doc__.splitlines()[0], "1b,7b", 3, "docs/results/gpu_step.md")
     args = parser.parse_args()
-    sizes = args.sizes.split(",")
-    unknown = [s for s in sizes if s not in LLAMA_SIZES]
-    if unknown:
-        parser.error(f"unknown size(s) {unknown}; choose from {list(LLAMA_SIZES)}")
+    sizes = parse_sizes(parser, args)
     if not torch.cuda.is_available():
         refuse("it needs a CUDA GPU and torch.cuda.is_available() is False")
     probe = torch.zeros(1, device="cuda")
@@ -174,16 +158,7 @@ def main() -> None:
     import triton
 
     args.triton_version = triton.__version__
-    results = []
-    for size in sizes:
-        print(f"LLaMA {size} ...", flush=True)
-        results.append(bench_size(size, args.repeats, args.warmup, args.lr, args.weight_decay))
-    text = report(results, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
-    print(text)
+    bench_and_write(sizes, bench_size, report, args)
 
 
 if __name__ == "__main__":

@@ -87,16 +87,21 @@ def torch_path():
             backend.available = available
 
 
+def scale_steps(groups: list[dict], lr: float, weight_decay: float) -> tuple:
+    """The step of a SCALE with its kernels and of one on its torch path, on these groups."""
+    with_kernel = SCALE(groups, lr=lr, adam_lr=2e-2, weight_decay=weight_decay)
+    on_torch = SCALE(groups, lr=lr, adam_lr=2e-2, weight_decay=weight_decay)
+
+    def torch_path_step():
+        with torch_path():
+            on_torch.step()
+
+    return with_kernel.step, torch_path_step
+
+
 def make_methods(groups: list[dict], lr: float, weight_decay: float) -> dict:
     params = [p for g in groups for p in g["params"]]
-    scale = SCALE(groups, lr=lr, adam_lr=2e-2, weight_decay=weight_decay)
-    scale_torch = SCALE(groups, lr=lr, adam_lr=2e-2, weight_decay=weight_decay)
-
-    def scale_torch_step():
-        with torch_path():
-            scale_torch.step()
-
-    methods = {"SCALE (fused kernel)": scale.step, "SCALE (torch path)": scale_torch_step}
+    methods = dict(zip(("SCALE (fused kernel)", "SCALE (torch path)"), scale_steps(groups, lr, weight_decay)))
     # The AdamWs share one set of moments (timing does not depend on their values): three
     # copies would not fit in memory at 350M next to the other processes on the machine.
     foreach = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
@@ -217,29 +222,33 @@ def report(results: list[dict], args) -> str:
     return "\n".join([*header, "## Summary", "", *summary, "", *lines])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="60m,130m,350m", help=f"comma-separated, from {list(LLAMA_SIZES)}")
+def size_arguments(description: str, sizes: str, warmup: int, out: str) -> argparse.ArgumentParser:
+    """The arguments this benchmark and benchmarks/gpu_step.py share, with their defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default=sizes, help=f"comma-separated, from {list(LLAMA_SIZES)}")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/optimizer_step.md"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
+def parse_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in LLAMA_SIZES]
     if unknown:
         parser.error(f"unknown size(s) {unknown}; choose from {list(LLAMA_SIZES)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.load_before = os.getloadavg()[0]
-    if not native.available():
-        print("warning: the fused SCALE kernel is unavailable; both SCALE rows use the torch path")
+    return sizes
+
+
+def bench_and_write(sizes: list[str], bench, report, args: argparse.Namespace) -> None:
+    """`bench(size, ...)` each size, then write `report(results, args)` to `args.out`
+    (through a temporary file: a killed run leaves the last result whole) and print it."""
     results = []
     for size in sizes:
         print(f"LLaMA {size} ...", flush=True)
-        results.append(bench_size(size, args.repeats, args.warmup, args.lr, args.weight_decay))
+        results.append(bench(size, args.repeats, args.warmup, args.lr, args.weight_decay))
     args.load_after = os.getloadavg()[0]
     text = report(results, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +256,19 @@ def main() -> None:
     tmp.write_text(text)
     tmp.replace(args.out)
     print(text)
+
+
+def main() -> None:
+    parser = size_arguments(__doc__.splitlines()[0], "60m,130m,350m", 2, "docs/results/optimizer_step.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    args = parser.parse_args()
+    sizes = parse_sizes(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.load_before = os.getloadavg()[0]
+    if not native.available():
+        print("warning: the fused SCALE kernel is unavailable; both SCALE rows use the torch path")
+    bench_and_write(sizes, bench_size, report, args)
 
 
 if __name__ == "__main__":

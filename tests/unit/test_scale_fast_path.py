@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from scale_zero import SCALE, ShardLayout, native
-from tests.support.kernel_cases import expected_step, gradients
-from tests.support.reference import ReferenceSCALE
+from tests.support import kernel_cases
+from tests.support.kernel_cases import (
+    LR, WEIGHT_DECAY, flat, one_step_of_pieces, run_reference, set_grads,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the torch path is the only path")
 
@@ -23,39 +25,14 @@ SHAPES = {"embedding": [(257, 48)], "output": [(257, 48)], "matrix": [(48, 48), 
 
 
 def make_params(dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        role: [torch.randn(shape, generator=gen).to(dtype).requires_grad_() for shape in shapes]
-        for role, shapes in SHAPES.items()
-    }
-
-
-def set_grads(params, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    for role, ps in params.items():
-        for p in ps:
-            g = torch.randn(p.shape, generator=gen)
-            if role != "vector":
-                g.view(g.shape[0], -1)[1] = 0  # a zero row
-                g.view(g.shape[0], -1)[:, 2] = 0  # a zero column
-            p.grad = g.to(p.dtype)
+    return kernel_cases.make_params(SHAPES, dtype, seed)
 
 
 def run_scale(params, fused, monkeypatch, steps=4, **kwargs):
-    with monkeypatch.context() as m:
-        if not fused:
-            m.setattr(native, "available", lambda: False)
-        opt = SCALE([{"params": ps, "role": r} for r, ps in params.items()], **kwargs)
-        for t in range(steps):
-            set_grads(params, t)
-            for group in opt.param_groups:
-                group["lr"] = kwargs["lr"] * (1 - 0.1 * t)
-            opt.step()
-    return opt
+    def kernel_off(m):
+        m.setattr(native, "available", lambda: False)
 
-
-def flat(params):
-    return torch.cat([p.detach().float().reshape(-1) for ps in params.values() for p in ps])
+    return kernel_cases.run_scale(params, monkeypatch, steps, None if fused else kernel_off, **kwargs)
 
 
 def test_fused_matches_torch_path_and_reference(monkeypatch):
@@ -65,11 +42,7 @@ def test_fused_matches_torch_path_and_reference(monkeypatch):
     run_scale(plain, False, monkeypatch, **kwargs)
 
     reference = make_params()
-    ref = ReferenceSCALE([(p, role) for role, ps in reference.items() for p in ps], **kwargs)
-    for t in range(4):
-        set_grads(reference, t)
-        ref.lr = kwargs["lr"] * (1 - 0.1 * t)
-        ref.step()
+    run_reference(reference, 4, **kwargs)
     torch.testing.assert_close(flat(fused), flat(plain), rtol=0, atol=1e-6)
     torch.testing.assert_close(flat(fused), flat(reference), rtol=0, atol=1e-6)
 
@@ -149,35 +122,17 @@ CUT_PIECES = [((13, 48), 0, 13 * 48), ((13, 48), 30, 400), ((9, 33), 40, 60), ((
 def test_both_phases_match_torch_path_and_fp64(kind, role, monkeypatch):
     """Pieces cut by the partition take the kernel's two phases, whole ones its one pass;
     the torch path computes the same, within 1e-6, on rows of 1e25, zero rows and subnormals."""
-    lr, weight_decay, beta = 1e-2, 0.1, 0.9
-    gen = torch.Generator().manual_seed(3)
-    numels = [end - start for _, start, end in CUT_PIECES]
-    offsets = [sum(numels[:i]) for i in range(len(numels))]
-    p0 = torch.randn(sum(numels), generator=gen)
-    g = torch.cat([gradients(kind, shape, gen).flatten()[start:end] for shape, start, end in CUT_PIECES])
-    results = []
-    for fused in (True, False):
-        flat_param = p0.clone()
-        flat_param.grad = g.clone()
-        with monkeypatch.context() as m:
-            if not fused:
-                m.setattr(native, "available", lambda: False)
-            opt = SCALE([{"params": [flat_param], "role": role}], lr=lr, weight_decay=weight_decay, momentum=beta)
-            opt.bind_flat(flat_param, [(o, ShardLayout.flat_range(s, a, b)) for o, (s, a, b) in zip(offsets, CUT_PIECES)], role)
-            opt.step()
-        assert torch.isfinite(flat_param).all()
-        results.append(flat_param)
+    def kernel_off(m):
+        m.setattr(native, "available", lambda: False)
+
+    results, expected, p0, _ = one_step_of_pieces(CUT_PIECES, kind, role, monkeypatch, kernel_off)
+    assert all(torch.isfinite(r).all() for r in results)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
-    dim = {"matrix": 1, "embedding": 0, "output": 1}[role]
-    expected = torch.cat([
-        expected_step(p0[o : o + b - a], g[o : o + b - a], a, b, s, dim, role == "output", lr, weight_decay, beta)
-        for o, (s, a, b) in zip(offsets, CUT_PIECES)
-    ])
     for got in results:
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    if kind == "extreme" and dim == 1:  # the 1e25 row moved by about lr per element, not zero
+    if kind == "extreme" and role != "embedding":  # the 1e25 row moved by about lr per element, not zero
         first_row = slice(0, 48)
-        assert (results[0][first_row] - p0[first_row] * (1 - lr * weight_decay)).abs().max() > lr / 2
+        assert (results[0][first_row] - p0[first_row] * (1 - LR * WEIGHT_DECAY)).abs().max() > LR / 2
 
 
 def test_kept_kernel_plan_follows_what_changes_between_steps(monkeypatch):

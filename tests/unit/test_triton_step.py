@@ -19,8 +19,10 @@ import scale_zero  # noqa: E402
 from scale_zero import SCALE, ShardLayout, native, triton_step  # noqa: E402
 from scale_zero.kernel import KernelBlock, backend_for  # noqa: E402
 from tests.support.distributed import run_distributed  # noqa: E402
-from tests.support.kernel_cases import expected_step, gradients  # noqa: E402
-from tests.support.reference import ReferenceSCALE  # noqa: E402
+from tests.support import kernel_cases  # noqa: E402
+from tests.support.kernel_cases import (  # noqa: E402
+    LR, WEIGHT_DECAY, bind_pieces, flat, one_step_of_pieces, run_reference,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,37 +71,13 @@ SHAPES = {
 
 
 def make_params(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {role: [torch.randn(s, generator=gen).requires_grad_() for s in shapes] for role, shapes in SHAPES.items()}
-
-
-def set_grads(params, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    for role, ps in params.items():
-        for p in ps:
-            g = torch.randn(p.shape, generator=gen)
-            if role != "vector":
-                g.view(g.shape[0], -1)[1] = 0  # a zero row
-                g.view(g.shape[0], -1)[:, 2] = 0  # a zero column
-            p.grad = g
+    return kernel_cases.make_params(SHAPES, seed=seed)
 
 
 def run_scale(params, on_triton, monkeypatch, steps=3, **kwargs):
-    with monkeypatch.context() as m:
-        if not on_triton:
-            torch_path(m)
-        opt = SCALE([{"params": ps, "role": r} for r, ps in params.items()], **kwargs)
-        for t in range(steps):
-            set_grads(params, t)
-            for group in opt.param_groups:
-                group["lr"] = kwargs["lr"] * (1 - 0.1 * t)
-            opt.step()
+    opt = kernel_cases.run_scale(params, monkeypatch, steps, None if on_triton else torch_path, **kwargs)
     assert stepped_by_triton(opt) == on_triton
     return opt
-
-
-def flat(params):
-    return torch.cat([p.detach().reshape(-1) for ps in params.values() for p in ps])
 
 
 def test_every_role_matches_torch_path_and_reference(monkeypatch):
@@ -107,11 +85,7 @@ def test_every_role_matches_torch_path_and_reference(monkeypatch):
     on_triton, plain, reference = make_params(), make_params(), make_params()
     run_scale(on_triton, True, monkeypatch, **kwargs)
     run_scale(plain, False, monkeypatch, **kwargs)
-    ref = ReferenceSCALE([(p, role) for role, ps in reference.items() for p in ps], **kwargs)
-    for t in range(3):
-        set_grads(reference, t)
-        ref.lr = kwargs["lr"] * (1 - 0.1 * t)
-        ref.step()
+    run_reference(reference, 3, **kwargs)
     torch.testing.assert_close(flat(on_triton), flat(plain), rtol=0, atol=1e-6)
     torch.testing.assert_close(flat(on_triton), flat(reference), rtol=0, atol=1e-6)
 
@@ -135,11 +109,7 @@ CUT_PIECES = [((7, 12), 0, 7 * 12), ((7, 12), 5, 70), ((5, 9), 11, 16), ((4, 110
 
 
 def bind_cut_pieces(opt, flat_param, role):
-    numels = [end - start for _, start, end in CUT_PIECES]
-    offsets = [sum(numels[:i]) for i in range(len(numels))]
-    opt.bind_flat(flat_param, [(o, ShardLayout.flat_range(s, a, b)) for o, (s, a, b) in zip(offsets, CUT_PIECES)],
-                  role)
-    return offsets
+    return bind_pieces(opt, flat_param, CUT_PIECES, role)
 
 
 @pytest.mark.parametrize("kind", ["ordinary", "extreme"])
@@ -147,36 +117,16 @@ def bind_cut_pieces(opt, flat_param, role):
 def test_both_phases_match_torch_path_and_fp64(kind, role, monkeypatch):
     """Whole pieces take the one-pass launch, cut ones the two phases (column sums with
     atomics); rows of 1e25, zero rows and subnormals as the torch path and fp64 have them."""
-    lr, weight_decay, beta = 1e-2, 0.1, 0.9
-    gen = torch.Generator().manual_seed(3)
-    p0 = torch.randn(sum(end - start for _, start, end in CUT_PIECES), generator=gen)
-    g = torch.cat([gradients(kind, shape, gen).flatten()[start:end] for shape, start, end in CUT_PIECES])
-    results = []
-    for on_triton in (True, False):
-        flat_param = p0.clone()
-        flat_param.grad = g.clone()
-        with monkeypatch.context() as m:
-            if not on_triton:
-                torch_path(m)
-            opt = SCALE([{"params": [flat_param], "role": role}], lr=lr, weight_decay=weight_decay, momentum=beta)
-            offsets = bind_cut_pieces(opt, flat_param, role)
-            opt.step()
-        assert stepped_by_triton(opt) == on_triton
-        if on_triton:  # whole pieces in the one pass, cut ones in the two phases
-            plan = next(iter(opt._kernel_plans.values()))
-            assert plan.step and plan.partial_sums and plan.apply
-        assert torch.isfinite(flat_param).all()
-        results.append(flat_param)
+    results, expected, p0, opt = one_step_of_pieces(CUT_PIECES, kind, role, monkeypatch, torch_path)
+    assert stepped_by_triton(opt)
+    plan = next(iter(opt._kernel_plans.values()))  # whole pieces in the one pass, cut ones in the two phases
+    assert plan.step and plan.partial_sums and plan.apply
+    assert all(torch.isfinite(r).all() for r in results)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
-    dim = {"matrix": 1, "embedding": 0, "output": 1}[role]
-    expected = torch.cat([
-        expected_step(p0[o : o + b - a], g[o : o + b - a], a, b, s, dim, role == "output", lr, weight_decay, beta)
-        for o, (s, a, b) in zip(offsets, CUT_PIECES)
-    ])
     torch.testing.assert_close(results[0], expected, rtol=0, atol=1e-6)
-    if kind == "extreme" and dim == 1:  # the 1e25 row moved by about lr per element, not zero
+    if kind == "extreme" and role != "embedding":  # the 1e25 row moved by about lr per element, not zero
         first_row = slice(0, 12)
-        assert (results[0][first_row] - p0[first_row] * (1 - lr * weight_decay)).abs().max() > lr / 2
+        assert (results[0][first_row] - p0[first_row] * (1 - LR * WEIGHT_DECAY)).abs().max() > LR / 2
 
 
 def test_kept_plan_takes_new_gradient_storage_and_lr(monkeypatch):
@@ -270,9 +220,7 @@ def test_without_triton_the_torch_path_steps(monkeypatch):
             assert backend_for(t, t) is None
         params, reference = make_params(), make_params()
         run_scale(params, False, monkeypatch, steps=1, lr=1e-2)
-        ref = ReferenceSCALE([(p, role) for role, ps in reference.items() for p in ps], lr=1e-2)
-        set_grads(reference, 0)
-        ref.step()
+        run_reference(reference, 1, lr=1e-2)
         torch.testing.assert_close(flat(params), flat(reference), rtol=0, atol=1e-6)
     finally:
         triton_step._kernels.cache_clear()  # the next test imports the kernels again
