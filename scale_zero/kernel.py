@@ -25,9 +25,9 @@ import torch
 class KernelBlock(NamedTuple):
     """One `(rows, cols)` block, stored row-major from `offset` of contiguous fp32 flats on
     one device (for the "step" phase, one whose RMS over `dim` is complete on this rank):
-    `momentum` None for a role without momentum; `lr`, `weight_decay` and `beta` the param
-    group's values as they are; `count` the full parameter's size along `dim` (what each mean
-    is over). For the two phases, `sumsq` is the block's entries of the per-row (dim 1) or
+    `momentum` None for a role without momentum; `weight_decay` and `beta` the param group's
+    values as they are (its lr, which a schedule moves, each run hands the batch with the
+    gradients); `count` the full parameter's size along `dim` (what each mean is over). For the two phases, `sumsq` is the block's entries of the per-row (dim 1) or
     per-column (dim 0) fp64 sums of squares: phase one adds to them, phase two takes the RMS
     from them once reduced; for dim 0, `row_nonzero` (uint8, one per row) is where phase one
     notes which rows of the direction hold a nonzero, so phase two leaves the zero rows (an
@@ -41,7 +41,6 @@ class KernelBlock(NamedTuple):
     rows: int
     cols: int
     dim: int
-    lr: float
     weight_decay: float
     beta: float
     count: int

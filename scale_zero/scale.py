@@ -293,7 +293,7 @@ def _kernel_blocks(
             rows, device = block.r1 - block.r0, piece.flat_param.device
             blocks.append(KernelBlock(
                 piece.flat_param, piece.flat_grad, piece.flat_momentum, piece.offset + block.offset,
-                rows, block.c1 - block.c0, piece.dim, piece.lr, piece.weight_decay, piece.beta,
+                rows, block.c1 - block.c0, piece.dim, piece.weight_decay, piece.beta,
                 piece.layout.shape[piece.dim], None if sums is None else sums[i][slice(*block.span(piece.dim))],
                 torch.empty(rows, dtype=torch.uint8, device=device) if sums is not None and piece.dim == 0 else None,
             ))

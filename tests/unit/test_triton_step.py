@@ -189,7 +189,7 @@ def test_zero_rows_without_decay_are_left_as_they_are(role, cut, monkeypatch):
 
 def test_misuse_is_refused():
     p, g = torch.zeros(40), torch.zeros(40)
-    block = KernelBlock(p, g, None, 0, 4, 10, 1, 0.1, 0.0, 0.9, 10)
+    block = KernelBlock(p, g, None, 0, 4, 10, 1, 0.0, 0.9, 10)
     with pytest.raises(ValueError, match="unknown phase 'update'"):
         triton_step.Batch("update", [block], [0])
     with pytest.raises(ValueError, match="outside its flat tensors"):
